@@ -146,11 +146,12 @@ def init_vit_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-    elif isinstance(module, PatchEmbed3D):
-        # Like a Linear on the flattened patch (MAE).
-        w = module.proj.weight
+    elif isinstance(module, nn.Conv3d):
+        # The tubelet embedding, initialised like a Linear on the flattened patch (MAE).
+        w = module.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(module.proj.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:

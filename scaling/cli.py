@@ -1,0 +1,85 @@
+"""`scaling` command line: parse, load config, call one function."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from scaling.config import ConfigError
+
+
+def cmd_synth(args) -> int:
+    from scaling.data.synth import write_synthetic_shards
+
+    shards = write_synthetic_shards(args.out, args.num_videos, videos_per_shard=args.per_shard, seed=args.seed)
+    print(f"wrote {args.num_videos} videos into {len(shards)} shards under {args.out}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from scaling import launch
+    from scaling.config import load_config, save_config, validate
+
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
+    validate(cfg, world)
+    if not launch.under_launcher() and cfg.train.ranks > 1:
+        resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
+        save_config(cfg, resolved)
+        return launch.launch_local("pretrain", resolved, cfg.train.ranks)
+    from scaling.train.pretrain import local_env_for_single_process, run_pretrain
+
+    local_env_for_single_process()
+    run_pretrain(cfg)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import yaml
+
+    from scaling.train.checkpoint import export_fp32
+
+    run = Path(args.run)
+    cfg_file = run / "config.yaml"
+    extra = {"config": yaml.safe_load(cfg_file.read_text())} if cfg_file.is_file() else {}
+    out = export_fp32(run / "checkpoints", args.out or run / "export" / "model_fp32.pt", tag=args.tag, extra=extra)
+    print(f"wrote consolidated fp32 weights to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaling", description="Video foundation models the VideoMAE V2 way, on DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic mp4 videos into webdataset shards")
+    s.add_argument("--out", required=True, help="output folder for synth-NNNNNN.tar shards")
+    s.add_argument("--num-videos", type=int, default=64)
+    s.add_argument("--per-shard", type=int, default=16, help="videos per shard")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("pretrain", help="masked-video pre-training (dual masking by default)")
+    s.add_argument("--config", required=True, help="YAML run config, e.g. pipelines/smoke.yaml")
+    s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
+    s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")
+    s.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"scaling {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""One typed config per run: dataclasses, YAML loading, dotted overrides, validation.
+
+`load_config("pipelines/smoke.yaml", ["train.steps=40"])` returns a `PretrainConfig`; unknown
+keys and values of the wrong type are refused with the dotted key and the fix. `validate()`
+checks what can only be checked against the world (ranks, files) and runs before any rank
+is launched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import yaml
+
+from scaling.masking import DECODER_MASKS, ENCODER_MASKS
+from scaling.models.vit import VIT_SIZES, get_size, num_tokens
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A user-fixable config problem; the message is one sentence naming the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_b"
+    num_frames: int = 16
+    input_size: int = 224
+    drop_path: float = 0.0
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class MaskConfig:
+    encoder: str = "tube"  # tube (VideoMAE) | random (MAE-ST)
+    encoder_ratio: float = 0.9
+    decoder: str = "running_cell"  # running_cell (VideoMAE V2 dual masking) | none (encoder-only)
+    decoder_ratio: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"  # shards | noise (pure-function random clips: I/O-free benchmarks and tests)
+    shards: str = ""  # brace pattern or glob, e.g. data/synth/synth-{000000..000003}.tar
+    stride: int = 4
+    num_sample: int = 4  # clips per decoded video (repeated augmentation)
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1e-3  # per 256 clips; the lr used is base_lr * clips per step / 256
+    min_lr: float = 1e-5  # floor of the cosine, same scaling as base_lr
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    clip_grad: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    global_batch: int = 2  # videos per optimizer step over all ranks (clips = x num_sample)
+    grad_accum: int = 1
+    ranks: int = 1  # local processes when `scaling pretrain` launches them itself
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    zero_stage: int = 3
+    ds_config: str = "ds_configs/zero3_bf16.json"
+    seed: int = 0
+    save_every: int = 50  # steps between checkpoints; the last step always saves
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    output_dir: str = "runs/pretrain"
+    steps_per_epoch: int = 0  # for the epoch count in checkpoints; 0 = not counted (streaming data)
+    max_steps_this_run: int = 0  # stop after this many steps (0 = until `steps`); for staged runs/tests
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db
+    experiment: str = "scaling"
+    run_name: str = ""
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
+            raise ConfigError(f"config key '{key}' must be a list of {len(typing.get_args(annotation))} numbers, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, typing.get_args(annotation)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation} for {key}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here are: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], hint, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` strings onto a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a config section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainConfig:
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. pipelines/smoke.yaml")
+        data = yaml.safe_load(p.read_text()) or {}
+    return _build(PretrainConfig, apply_overrides(data, list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v)) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace patterns (webdataset style) and globs, comma-free; returns existing files only."""
+    files = []
+    for part in braceexpand.braceexpand(pattern):
+        files.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    return [f for f in files if os.path.isfile(f)]
+
+
+def resolve_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON path as given, else relative to the repository root."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"train.ds_config '{path}' not found; use one of ds_configs/*.json")
+
+
+def micro_batch(cfg: PretrainConfig, world_size: int) -> int:
+    return cfg.train.global_batch // (world_size * cfg.train.grad_accum)
+
+
+def validate(cfg: PretrainConfig, world_size: int) -> None:
+    """Everything a user can get wrong, refused before any rank starts."""
+    m, t, k, d, o = cfg.model, cfg.train, cfg.mask, cfg.data, cfg.optim
+    if m.name not in VIT_SIZES:
+        raise ConfigError(f"unknown model.name '{m.name}'; choose one of: {', '.join(VIT_SIZES)}")
+    try:
+        grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if k.encoder not in ENCODER_MASKS:
+        raise ConfigError(f"mask.encoder '{k.encoder}' is unknown; choose one of {', '.join(ENCODER_MASKS)}")
+    if k.decoder not in DECODER_MASKS:
+        raise ConfigError(f"mask.decoder '{k.decoder}' is unknown; choose one of {', '.join(DECODER_MASKS)}")
+    if not 0.0 < k.encoder_ratio < 1.0:
+        raise ConfigError(f"mask.encoder_ratio must be between 0 and 1 (exclusive), got {k.encoder_ratio}")
+    if k.decoder == "running_cell" and (grid[1] % 2 or grid[2] % 2):
+        raise ConfigError(f"mask.decoder=running_cell needs an even number of patches per side, but input_size {m.input_size} gives {grid[1]}; pick another model.input_size")
+    if k.decoder == "running_cell" and int(4 * k.decoder_ratio) not in (1, 2, 3):
+        raise ConfigError(f"mask.decoder_ratio {k.decoder_ratio} gives no running-cell pattern; use 0.25, 0.5 or 0.75")
+    if t.global_batch < 1 or t.grad_accum < 1 or t.steps < 1:
+        raise ConfigError("train.global_batch, train.grad_accum and train.steps must all be at least 1")
+    if t.global_batch % (world_size * t.grad_accum):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by ranks x grad_accum = {world_size} x {t.grad_accum}; "
+            f"use a multiple of {world_size * t.grad_accum}"
+        )
+    if t.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose bf16, fp16 or fp32")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    resolve_ds_config(t.ds_config)
+    if d.source not in ("shards", "noise"):
+        raise ConfigError(f"data.source '{d.source}' is unknown; choose shards or noise")
+    if d.source == "shards":
+        if not d.shards:
+            raise ConfigError("data.shards is empty; set it to your shard pattern, e.g. data.shards='data/synth/synth-{000000..000003}.tar' (make some with `scaling synth`)")
+        if not expand_shards(d.shards):
+            raise ConfigError(f"data.shards '{d.shards}' matches no files; check the path or run `scaling synth --out <dir>` first")
+    if d.num_sample < 1 or d.stride < 1 or d.num_workers < 0:
+        raise ConfigError("data.num_sample and data.stride must be at least 1 and data.num_workers at least 0")
+    if o.base_lr <= 0 or o.min_lr < 0 or o.min_lr > o.base_lr:
+        raise ConfigError(f"optim.base_lr must be > 0 and 0 <= optim.min_lr <= base_lr (got {o.base_lr}, {o.min_lr})")
+    if o.warmup_steps >= t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
+

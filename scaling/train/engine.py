@@ -1,0 +1,87 @@
+"""DeepSpeed set-up: the JSON in ds_configs/ merged with what the run config decides.
+
+Batch sizes, gradient accumulation, clipping and precision always come from the run config,
+so a DeepSpeed JSON can never disagree with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Callable
+
+import deepspeed
+import torch
+from torch import nn
+
+from scaling.config import PretrainConfig, micro_batch, resolve_ds_config
+from scaling.train.schedule import warmup_cosine
+
+# Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def build_ds_config(cfg: PretrainConfig, world_size: int) -> dict:
+    path = resolve_ds_config(cfg.train.ds_config)
+    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    clashes = [k for k in OWNED_KEYS if k in ds]
+    if clashes:
+        raise ValueError(f"{path} sets {', '.join(clashes)}; remove them, the run config computes these")
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = micro_batch(cfg, world_size)
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.global_batch
+    ds["gradient_clipping"] = cfg.optim.clip_grad
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    ds["fp16"] = {"enabled": t.precision == "fp16", "auto_cast": False, "initial_scale_power": 16}
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    return ds
+
+
+def clips_per_step(cfg: PretrainConfig) -> int:
+    return cfg.train.global_batch * cfg.data.num_sample
+
+
+def peak_lr(cfg: PretrainConfig) -> float:
+    """Linear scaling rule of MAE/VideoMAE: base_lr is per 256 clips."""
+    return cfg.optim.base_lr * clips_per_step(cfg) / 256
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No decay on biases, norms (all 1-D tensors) and the model's `no_weight_decay()` names."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Under zero.Init a partitioned parameter's .shape is empty; ds_shape keeps the true one.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Module:
+    """Build under `deepspeed.zero.Init` for ZeRO-3 so no rank ever holds the full model."""
+    stage = ds_config["zero_optimization"]["stage"]
+    ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage == 3 else contextlib.nullcontext()
+    with ctx:
+        return make_model()
+
+
+def initialize(model: nn.Module, cfg: PretrainConfig, ds_config: dict):
+    lr = peak_lr(cfg)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr, betas=o.betas)
+    min_ratio = (o.min_lr * clips_per_step(cfg) / 256) / lr
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: warmup_cosine(opt, o.warmup_steps, cfg.train.steps, min_ratio),
+        config=ds_config,
+    )
+    return engine, scheduler
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """DeepSpeed casts the model itself to bf16/fp16; inputs must be cast to match."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

@@ -1,0 +1,153 @@
+"""The pre-training loop: one rank's view, top to bottom.
+
+Exact resume: everything random in a step is a pure function of (seed, step, micro-step,
+rank) — masks, drop path and the data stream position (the loader skips what was consumed) —
+so a run resumed from a checkpoint sees the same clips and masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from scaling.config import PretrainConfig, micro_batch, save_config, to_dict
+from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.masking import make_masks
+from scaling.models.pretrain import build_pretrain_model
+from scaling.tracking import flatten, make_tracker
+from scaling.train import checkpoint
+from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.schedule import resync_lr
+
+
+def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
+    return hash((seed, step, micro, rank)) & 0x7FFF_FFFF
+
+
+def masks_for_rank(cfg: PretrainConfig, grid, step: int, micro: int, rank: int, clips_per_rank: int, world: int):
+    """Masks for the global micro-batch, sliced to this rank: the same clip gets the same mask
+    whatever the number of ranks."""
+    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
+    k = cfg.mask
+    enc, dec = make_masks(clips_per_rank * world, grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, g)
+    rows = slice(rank * clips_per_rank, (rank + 1) * clips_per_rank)
+    return enc[rows], dec[rows]
+
+
+def epoch_of(cfg: PretrainConfig, step: int) -> int:
+    return step // cfg.train.steps_per_epoch if cfg.train.steps_per_epoch else 0
+
+
+def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
+    micro = micro_batch(cfg, world)
+    m, d = cfg.model, cfg.data
+    if d.source == "noise":
+        from scaling.data.noise import noise_batches
+
+        return noise_batches(seed=cfg.train.seed, rank=rank, clips_per_rank=micro * d.num_sample,
+                             grad_accum=cfg.train.grad_accum, num_frames=m.num_frames, input_size=m.input_size,
+                             start_step=start_step)
+    from scaling.data.loader import build_pretrain_loader
+
+    loader = build_pretrain_loader(
+        d.shards, videos_per_batch=micro, num_frames=m.num_frames, stride=d.stride, input_size=m.input_size,
+        num_sample=d.num_sample, num_workers=d.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
+        skip_batches=start_step * cfg.train.grad_accum,
+    )
+    return iter(loader)
+
+
+def run_pretrain(cfg: PretrainConfig) -> list[float]:
+    """Train until `train.steps` (or `max_steps_this_run` more steps); returns this run's losses."""
+    # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.train.output_dir)
+    ckpt_dir = out / "checkpoints"
+    ds_config = build_ds_config(cfg, world)
+    m = cfg.model
+    model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
+    model.set_grad_checkpointing(m.activation_checkpointing)
+    grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
+    engine, scheduler = initialize(model, cfg, ds_config)
+
+    state = checkpoint.resume(engine, ckpt_dir) or {}
+    start = state.get("step", 0)
+    if start:
+        resync_lr(scheduler)  # the run may have been resumed with a longer schedule
+    tracker = make_tracker(rank, cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment,
+                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"))
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        tracker.log_params({**flatten(to_dict(cfg)), "world_size": world, "micro_batch": micro_batch(cfg, world),
+                            "peak_lr": peak_lr(cfg), "clips_per_step": clips_per_step(cfg)})
+        tracker.log_artifact(str(out / "config.yaml"))
+        tracker.log_artifact(str(out / "ds_config.json"))
+        print(f"[scaling] {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, {world} ranks, "
+              f"{clips_per_step(cfg)} clips/step, MLflow run {tracker.run_id}", flush=True)
+
+    end = cfg.train.steps
+    if cfg.train.max_steps_this_run:
+        end = min(end, start + cfg.train.max_steps_this_run)
+    clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
+    batches = make_batches(cfg, rank, world, start)
+    dtype = input_dtype(cfg.train.precision)
+    losses = []
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.train.seed, step, rank=rank + 1))  # drop path
+        lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
+        step_loss = torch.zeros(())
+        for micro in range(cfg.train.grad_accum):
+            video = next(batches)["video"]  # (B, 3, T, H, W) normalized, float32
+            enc, dec = masks_for_rank(cfg, grid, step, micro, rank, clips_per_rank, world)  # (B, N) bool
+            target = normalized_pixel_target(video, patch, tubelet)  # (B, N, 2*p*p*3) float32
+            prediction = engine(video.to(dtype), enc, dec)  # (B, N_dec, 2*p*p*3)
+            loss = masked_reconstruction_loss(prediction, target, enc, dec)
+            engine.backward(loss)  # DeepSpeed divides by grad_accum
+            engine.step()  # optimizer + scheduler only at the accumulation boundary
+            step_loss += loss.detach().float() / cfg.train.grad_accum
+        dist.all_reduce(step_loss)
+        step_loss = step_loss.item() / world
+        losses.append(step_loss)
+        seconds = time.perf_counter() - t0
+        if rank == 0 and (step + 1) % cfg.train.log_every == 0:
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {"loss": step_loss, "lr": lr, "step_time_s": seconds,
+                       "clips_per_s": clips_per_step(cfg) / seconds}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            tracker.log_metrics(metrics, step=step + 1)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+            print(f"[scaling] step {step + 1}/{cfg.train.steps} loss {step_loss:.4f} lr {metrics['lr']:.2e} "
+                  f"{seconds:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == end:
+            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
+                                                         "epoch": epoch_of(cfg, step + 1),
+                                                         "micro_batches_consumed": (step + 1) * cfg.train.grad_accum,
+                                                         "seed": cfg.train.seed}, cfg.train.keep_checkpoints)
+    if rank == 0:
+        tracker.close()
+    dist.barrier()
+    return losses
+
+
+def local_env_for_single_process() -> None:
+    """A 1-rank run started without a launcher still needs a process group."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from scaling.launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
