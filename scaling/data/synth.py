@@ -1,0 +1,142 @@
+"""Synthetic video shards: moving coloured shapes, for tests and smoke runs.
+
+Real datasets are not available on every machine; these shards have the same layout as the
+ones `scaling shard` writes (one `mp4` + one `json` per sample), so the whole data path
+(webdataset -> decord -> crop -> batch) is exercised without downloads.
+Rendering is hand-written numpy (no drawing library is a dependency); encoding is PyAV.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import av
+import numpy as np
+import webdataset as wds
+
+# label = index in this tuple; every shape in a video is of the video's class, so the label
+# is learnable from appearance (handy for fine-tune smoke tests).
+SHAPE_CLASSES = ("rectangle", "circle", "ring", "cross")
+
+
+def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean (H, W) mask of one shape of half-size `r` centred at (cy, cx)."""
+    dy, dx = yy - cy, xx - cx
+    if kind == "rectangle":
+        return (np.abs(dy) <= r * 0.7) & (np.abs(dx) <= r)
+    if kind == "circle":
+        return dy * dy + dx * dx <= r * r
+    if kind == "ring":
+        d2 = dy * dy + dx * dx
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if kind == "cross":
+        arm = r * 0.3
+        inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
+        return inside & ((np.abs(dy) <= arm) | (np.abs(dx) <= arm))
+    raise ValueError(f"unknown shape kind {kind!r}; expected one of {SHAPE_CLASSES}")
+
+
+def render_video(rng: np.random.Generator, label: int, num_frames: int, height: int, width: int) -> np.ndarray:
+    """Render one clip of 1-3 bouncing shapes of class `label`. Returns uint8 (T, H, W, 3)."""
+    kind = SHAPE_CLASSES[label]
+    # Background: smooth colour gradient + static noise texture that scrolls slowly, so the
+    # model has texture and global motion to reconstruct, not only flat colour.
+    base = rng.uniform(0, 160, size=3)
+    grad = np.linspace(0, 60, width, dtype=np.float32)[None, :, None] * rng.uniform(-1, 1, size=3)
+    noise = rng.normal(0, 12, size=(height, width + num_frames, 3)).astype(np.float32)
+    bg_vel = int(rng.integers(0, 2))  # pixels/frame of background scroll
+
+    n_shapes = int(rng.integers(1, 4))
+    lo = min(height, width)
+    r = rng.uniform(0.08, 0.2, size=n_shapes) * lo  # half-size in pixels
+    pos = np.stack([rng.uniform(r, height - r), rng.uniform(r, width - r)], axis=1)  # (n, 2) y, x
+    vel = rng.uniform(-0.04, 0.04, size=(n_shapes, 2)) * lo  # pixels/frame
+    colours = rng.uniform(60, 255, size=(n_shapes, 3)).astype(np.float32)
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        shift = t * bg_vel
+        frame = base + grad + noise[:, shift : shift + width]  # (H, W, 3)
+        for i in range(n_shapes):
+            mask = _shape_mask(kind, yy, xx, pos[i, 0], pos[i, 1], r[i])
+            frame[mask] = colours[i]
+            # Bounce: reflect the velocity when the shape's box would leave the frame.
+            for ax, limit in ((0, height), (1, width)):
+                nxt = pos[i, ax] + vel[i, ax]
+                if nxt - r[i] < 0 or nxt + r[i] > limit:
+                    vel[i, ax] = -vel[i, ax]
+                pos[i, ax] += vel[i, ax]
+        np.clip(frame, 0, 255, out=frame)
+        out[t] = frame.astype(np.uint8)
+    return out
+
+
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """Encode uint8 (T, H, W, 3) RGB frames as H.264/yuv420p mp4 bytes, in memory."""
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even height and width, got {height}x{width}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # ultrafast keeps synthesis well under 0.1 s/video; crf 23 is the x264 default quality.
+        stream.options = {"preset": "ultrafast", "crf": "23"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush delayed frames
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def write_synthetic_shards(
+    out_dir,
+    num_videos,
+    videos_per_shard=8,
+    num_frames=40,
+    height=96,
+    width=128,
+    fps=10,
+    seed=0,
+) -> list[str]:
+    """Write `num_videos` synthetic clips into webdataset shards `{out_dir}/synth-%06d.tar`.
+
+    Each sample is `{"__key__": "%08d", "mp4": bytes, "json": {"label", "source", "num_frames",
+    "fps", "height", "width"}}`. Output is a pure function of the arguments (seeded per video).
+    Returns the shard paths written, in order. Tars are byte-identical across runs.
+    """
+    if num_videos < 1:
+        raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    os.makedirs(out_dir, exist_ok=True)
+    pattern = os.path.join(str(out_dir), "synth-%06d.tar")
+    written: list[str] = []
+    # mtime fixed so that the tar files themselves (not only the samples) are reproducible.
+    with wds.ShardWriter(pattern, maxcount=videos_per_shard, verbose=0, mtime=0.0) as sink:
+        for idx in range(num_videos):
+            # One generator per video, so video i does not depend on how many came before.
+            rng = np.random.default_rng([seed, idx])
+            label = int(rng.integers(0, len(SHAPE_CLASSES)))
+            frames = render_video(rng, label, num_frames, height, width)
+            sink.write(
+                {
+                    "__key__": "%08d" % idx,
+                    "mp4": encode_mp4(frames, fps),
+                    "json": {
+                        "label": label,
+                        "source": "synth",
+                        "num_frames": num_frames,
+                        "fps": fps,
+                        "height": height,
+                        "width": width,
+                    },
+                }
+            )
+            if not written or written[-1] != sink.fname:  # ShardWriter opened a new shard
+                written.append(sink.fname)
+    return written
+
+
+__all__ = ["SHAPE_CLASSES", "write_synthetic_shards", "render_video", "encode_mp4"]
