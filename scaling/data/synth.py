@@ -13,6 +13,8 @@ import os
 
 import av
 import numpy as np
+import torch
+import torch.nn.functional as F
 import webdataset as wds
 
 # label = index in this tuple; every shape in a video is of the video's class, so the label
@@ -37,14 +39,22 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     raise ValueError(f"unknown shape kind {kind!r}; expected one of {SHAPE_CLASSES}")
 
 
+def _smooth_texture(rng: np.random.Generator, height: int, width: int, cell: int, amplitude: float) -> np.ndarray:
+    """Random values on a coarse grid every `cell` pixels, bilinearly upsampled: (H, W, 3)."""
+    coarse = torch.from_numpy(rng.normal(0, amplitude, size=(3, height // cell + 2, width // cell + 2)).astype(np.float32))
+    fine = F.interpolate(coarse[None], scale_factor=cell, mode="bilinear", align_corners=False)[0]
+    return fine[:, :height, :width].permute(1, 2, 0).numpy()
+
+
 def render_video(rng: np.random.Generator, label: int, num_frames: int, height: int, width: int) -> np.ndarray:
     """Render one clip of 1-3 bouncing shapes of class `label`. Returns uint8 (T, H, W, 3)."""
     kind = SHAPE_CLASSES[label]
-    # Background: smooth colour gradient + static noise texture that scrolls slowly, so the
-    # model has texture and global motion to reconstruct, not only flat colour.
+    # Background: smooth colour gradient + a smooth (low-frequency) texture that scrolls
+    # slowly, so the model has texture and global motion to reconstruct, not only flat colour.
+    # Per-pixel noise would be unpredictable and pin the normalized-pixel loss near 1.0.
     base = rng.uniform(0, 160, size=3)
     grad = np.linspace(0, 60, width, dtype=np.float32)[None, :, None] * rng.uniform(-1, 1, size=3)
-    noise = rng.normal(0, 12, size=(height, width + num_frames, 3)).astype(np.float32)
+    noise = _smooth_texture(rng, height, width + num_frames, cell=8, amplitude=30.0)
     bg_vel = int(rng.integers(0, 2))  # pixels/frame of background scroll
 
     n_shapes = int(rng.integers(1, 4))

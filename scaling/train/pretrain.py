@@ -73,6 +73,7 @@ def run_pretrain(cfg: PretrainConfig) -> list[float]:
     ckpt_dir = out / "checkpoints"
     ds_config = build_ds_config(cfg, world)
     m = cfg.model
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
     model.set_grad_checkpointing(m.activation_checkpointing)
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet

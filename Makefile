@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both set up everything first
+# (system packages with apt-get where missing, a .venv with the pinned Python packages).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STEPS ?= 40
+RANKS ?= 2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@# A C++ compiler builds DeepSpeed's shared-memory op on first use; libaio-dev lets its
+	@# async_io op build for NVMe offload. Install them only where missing (needs root).
+	@if ! command -v g++ >/dev/null || ! [ -e /usr/include/libaio.h ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq g++ libaio-dev >/dev/null; \
+	  else echo "please install g++ and libaio-dev (apt-get install g++ libaio-dev)"; fi; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+data/synth/synth-000003.tar: | $(STAMP)
+	$(VENV)/bin/scaling synth --out data/synth --num-videos 64 --per-shard 16
+
+# Debug-size dual-masking pre-training on 2 local ranks (ZeRO-3, bf16, activation
+# checkpointing) from synthetic mp4 shards. Run it again (or with a larger STEPS=) and it
+# resumes from its last checkpoint.
+demo: $(STAMP) data/synth/synth-000003.tar
+	$(VENV)/bin/scaling pretrain --config pipelines/smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
+	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10
+
+bench: $(STAMP)
+	$(PY) bench/step.py --model vit_b --batch 2 --masking dual --precision bf16 --attention both
+
+clean:
+	rm -rf runs mlruns mlflow.db data/synth
