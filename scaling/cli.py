@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
     s.set_defaults(func=cmd_export)
+    from scaling.cli_labels import add_labels_parser
+
+    add_labels_parser(sub)
     return p
 
 
