@@ -126,7 +126,7 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(full_run):
     assert run.data.params["model.name"] == "debug" and run.data.params["world_size"] == "2"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 9))
-    for key in ("lr", "grad_norm", "clips_per_s", "step_time_s"):
+    for key in ("lr", "grad_norm", "clips_per_s", "step_time_s", "data/videos", "data/bad_samples"):
         assert key in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json"} <= artifacts

@@ -45,6 +45,7 @@ def epoch_of(cfg: PretrainConfig, step: int) -> int:
 
 
 def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
+    """(batch iterator, callable returning the loader's counters: clips, bad samples, per source)."""
     micro = micro_batch(cfg, world)
     m, d = cfg.model, cfg.data
     if d.source == "noise":
@@ -52,7 +53,7 @@ def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
 
         return noise_batches(seed=cfg.train.seed, rank=rank, clips_per_rank=micro * d.num_sample,
                              grad_accum=cfg.train.grad_accum, num_frames=m.num_frames, input_size=m.input_size,
-                             start_step=start_step)
+                             start_step=start_step), dict
     from scaling.data.loader import build_pretrain_loader
 
     loader = build_pretrain_loader(
@@ -60,7 +61,7 @@ def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
         num_sample=d.num_sample, num_workers=d.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
         skip_batches=start_step * cfg.train.grad_accum,
     )
-    return iter(loader)
+    return iter(loader), lambda: loader.stats
 
 
 def run_pretrain(cfg: PretrainConfig) -> list[float]:
@@ -99,7 +100,7 @@ def run_pretrain(cfg: PretrainConfig) -> list[float]:
     if cfg.train.max_steps_this_run:
         end = min(end, start + cfg.train.max_steps_this_run)
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
-    batches = make_batches(cfg, rank, world, start)
+    batches, data_stats = make_batches(cfg, rank, world, start)
     dtype = input_dtype(cfg.train.precision)
     losses = []
     for step in range(start, end):
@@ -120,17 +121,15 @@ def run_pretrain(cfg: PretrainConfig) -> list[float]:
         step_loss = step_loss.item() / world
         losses.append(step_loss)
         seconds = time.perf_counter() - t0
-        if rank == 0 and (step + 1) % cfg.train.log_every == 0:
+        logging = (step + 1) % cfg.train.log_every == 0
+        # Loader counters (decoded videos, skipped bad samples, per-source draws), all ranks summed.
+        counters = summed(data_stats()) if logging else {}
+        if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": step_loss, "lr": lr, "step_time_s": seconds,
-                       "clips_per_s": clips_per_step(cfg) / seconds}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            tracker.log_metrics(metrics, step=step + 1)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
-            print(f"[scaling] step {step + 1}/{cfg.train.steps} loss {step_loss:.4f} lr {metrics['lr']:.2e} "
-                  f"{seconds:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
+            metrics = {"loss": step_loss, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                       **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                       **{f"data/{k}": v for k, v in counters.items()}}
+            log_step(tracker, out, step + 1, cfg.train.steps, metrics)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == end:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
                                                          "epoch": epoch_of(cfg, step + 1),
@@ -140,6 +139,25 @@ def run_pretrain(cfg: PretrainConfig) -> list[float]:
         tracker.close()
     dist.barrier()
     return losses
+
+
+def log_step(tracker, out: Path, step: int, total: int, metrics: dict) -> None:
+    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console line."""
+    tracker.log_metrics(metrics, step=step)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    print(f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+          f"{metrics['step_time_s']:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
+
+
+def summed(counters: dict) -> dict:
+    """Sum a dict of counters over ranks (every rank must call it, with the same keys)."""
+    keys = sorted(counters)
+    if not keys:
+        return {}
+    values = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
 
 
 def local_env_for_single_process() -> None:
