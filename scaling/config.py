@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import braceexpand
 import yaml
 
+from scaling.data.sources import Source, as_sources, expand_shards
 from scaling.masking import DECODER_MASKS, ENCODER_MASKS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
 
@@ -49,6 +51,9 @@ class DataConfig:
     source: str = "shards"  # shards | noise (pure-function random clips: I/O-free benchmarks and tests)
     shards: str = ""  # brace pattern or glob, e.g. data/synth/synth-{000000..000003}.tar
     stride: int = 4
+    # A weighted mix of shard sets instead of `shards` (the unlabeled hybrid), each with its own
+    # weight, frame stride and flip rule: [{name: k710, shards: ..., weight: 0.49}, ...].
+    sources: list[Source] = field(default_factory=list)
     num_sample: int = 4  # clips per decoded video (repeated augmentation)
     num_workers: int = 2
 
@@ -102,6 +107,21 @@ class PretrainConfig:
 def _coerce(value, annotation, key: str):
     """Check/convert one YAML value against a dataclass field type."""
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(" or ".join(errors))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
             raise ConfigError(f"config key '{key}' must be a list of {len(typing.get_args(annotation))} numbers, got {value!r}")
@@ -172,23 +192,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pr
 
 
 def to_dict(cfg) -> dict:
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v
-
-    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v)) for k, v in dataclasses.asdict(cfg).items()}
+    return dataclasses.asdict(cfg)
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace patterns (webdataset style) and globs, comma-free; returns existing files only."""
-    files = []
-    for part in braceexpand.braceexpand(pattern):
-        files.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
-    return [f for f in files if os.path.isfile(f)]
 
 
 def resolve_ds_config(path: str) -> Path:
@@ -197,6 +206,19 @@ def resolve_ds_config(path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise ConfigError(f"train.ds_config '{path}' not found; use one of ds_configs/*.json")
+
+
+def data_sources(cfg: PretrainConfig) -> list[Source]:
+    """The run's sources: `data.sources`, or `data.shards` as one source with `data.stride`."""
+    d = cfg.data
+    if d.sources and d.shards:
+        raise ConfigError("set either data.shards or data.sources, not both")
+    if not d.sources and not d.shards:
+        raise ConfigError("data.shards is empty; set it to your shard pattern, e.g. data.shards='data/synth/synth-{000000..000003}.tar' (make some with `scaling synth`)")
+    try:
+        return as_sources(sources=d.sources) if d.sources else as_sources(d.shards, stride=d.stride)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data.sources: {e}") from None
 
 
 def micro_batch(cfg: PretrainConfig, world_size: int) -> int:
@@ -237,10 +259,12 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
     if d.source not in ("shards", "noise"):
         raise ConfigError(f"data.source '{d.source}' is unknown; choose shards or noise")
     if d.source == "shards":
-        if not d.shards:
-            raise ConfigError("data.shards is empty; set it to your shard pattern, e.g. data.shards='data/synth/synth-{000000..000003}.tar' (make some with `scaling synth`)")
-        if not expand_shards(d.shards):
-            raise ConfigError(f"data.shards '{d.shards}' matches no files; check the path or run `scaling synth --out <dir>` first")
+        for source in data_sources(cfg):
+            try:
+                expand_shards(source.shards)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"data source '{source.name}' matches no files ({e}); check the path, "
+                                  "or make shards with `scaling synth --out <dir>` or `scaling shard`") from None
     if d.num_sample < 1 or d.stride < 1 or d.num_workers < 0:
         raise ConfigError("data.num_sample and data.stride must be at least 1 and data.num_workers at least 0")
     if o.base_lr <= 0 or o.min_lr < 0 or o.min_lr > o.base_lr:

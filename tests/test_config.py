@@ -60,3 +60,18 @@ def test_batch_split_uses_launcher_world_size(monkeypatch):
 def test_overrides_are_typed_and_nested():
     cfg = load_config(SMOKE, ["train.steps=7", "optim.betas=[0.9, 0.99]", "model.activation_checkpointing=false"])
     assert cfg.train.steps == 7 and cfg.optim.betas == (0.9, 0.99) and cfg.model.activation_checkpointing is False
+
+
+def test_hybrid_sources_are_typed_and_checked(tmp_path):
+    shard = tmp_path / "a-000000.tar"
+    shard.write_bytes(b"")
+    cfg = load_config(SMOKE, ["data.shards=''", f"data.sources=[{{name: k710, shards: '{shard}', weight: 0.7}}, "
+                                                 f"{{name: ssv2, shards: ['{shard}'], weight: 0.3, stride: 2, flip: false}}]"])
+    validate(cfg, 2)
+    assert [(s.name, s.weight, s.stride, s.flip) for s in cfg.data.sources] == [("k710", 0.7, 4, True), ("ssv2", 0.3, 2, False)]
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.sources\[0\].wieght'"):
+        load_config(SMOKE, ["data.sources=[{name: a, shards: x.tar, wieght: 0.5}]"])
+    with pytest.raises(ConfigError, match="either data.shards or data.sources"):
+        validate(load_config(SMOKE, [f"data.sources=[{{name: a, shards: '{shard}'}}]"]), 2)
+    with pytest.raises(ConfigError, match="data source 'b' matches no files"):
+        validate(load_config(SMOKE, ["data.shards=''", f"data.sources=[{{name: a, shards: '{shard}'}}, {{name: b, shards: nope.tar}}]"]), 2)
