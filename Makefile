@@ -29,7 +29,7 @@ data/synth/synth-000003.tar: | $(STAMP)
 # checkpointing) from synthetic mp4 shards. Run it again (or with a larger STEPS=) and it
 # resumes from its last checkpoint.
 demo: $(STAMP) data/synth/synth-000003.tar
-	$(VENV)/bin/scaling pretrain --config pipelines/smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
+	$(VENV)/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
 	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(STAMP)

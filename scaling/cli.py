@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from scaling.config import ConfigError
+from scaling.models.convert import CheckpointMismatchError
 
 
 def cmd_synth(args) -> int:
@@ -17,21 +18,38 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
+def cmd_train(args, stage: str | None = None) -> int:
+    """Validate, then run the config's stage here (under a launcher / 1 rank) or on local ranks."""
     from scaling import launch
     from scaling.config import load_config, save_config, validate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, ([f"stage={stage}"] if stage else []) + args.overrides)
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
-        return launch.launch_local("pretrain", resolved, cfg.train.ranks)
-    from scaling.train.pretrain import local_env_for_single_process, run_pretrain
+        return launch.launch_local("train", resolved, cfg.train.ranks)
+    from scaling.train.pretrain import local_env_for_single_process
 
     local_env_for_single_process()
-    run_pretrain(cfg)
+    if cfg.stage == "pretrain":
+        from scaling.train.pretrain import run_pretrain
+
+        run_pretrain(cfg)
+    else:
+        from scaling.train.finetune import run_finetune
+
+        run_finetune(cfg)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from scaling.pipeline import run_pipeline
+
+    summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
+    for name, info in summary.items():
+        print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0
 
 
@@ -59,10 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("pretrain", help="masked-video pre-training (dual masking by default)")
-    s.add_argument("--config", required=True, help="YAML run config, e.g. pipelines/smoke.yaml")
-    s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
-    s.set_defaults(func=cmd_pretrain)
+    for name, stage, text in (("pretrain", "pretrain", "masked-video pre-training (dual masking by default)"),
+                              ("finetune", "finetune", "supervised training + multi-view evaluation"),
+                              ("train", None, "run a config's own `stage`")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--config", required=True, help="YAML run config, e.g. pipelines/pretrain_smoke.yaml")
+        s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
+        s.set_defaults(func=lambda a, stage=stage: cmd_train(a, stage))
+
+    s = sub.add_parser("pipeline", help="progressive pipeline: run the stages of a pipeline YAML in order")
+    s.add_argument("action", choices=["run"], help="run the stages on local ranks (resume-aware)")
+    s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/smoke.yaml")
+    s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1")
+    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
+    s.add_argument("--until", default=None, help="last stage to run")
+    s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
     s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")
@@ -79,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointMismatchError) as e:
         print(f"scaling {args.command}: error: {e}", file=sys.stderr)
         return 2
 

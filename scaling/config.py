@@ -1,6 +1,6 @@
 """One typed config per run: dataclasses, YAML loading, dotted overrides, validation.
 
-`load_config("pipelines/smoke.yaml", ["train.steps=40"])` returns a `PretrainConfig`; unknown
+`load_config("pipelines/pretrain_smoke.yaml", ["train.steps=40"])` returns a `RunConfig`; unknown
 keys and values of the wrong type are refused with the dotted key and the fix. `validate()`
 checks what can only be checked against the world (ranks, files) and runs before any rank
 is launched.
@@ -65,6 +65,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
+    warmup_epochs: int = 0  # finetune with train.epochs: warmup in passes over the data
     clip_grad: float = 0.0  # 0 disables clipping
 
 
@@ -83,6 +84,7 @@ class TrainConfig:
     log_every: int = 1
     output_dir: str = "runs/pretrain"
     steps_per_epoch: int = 0  # for the epoch count in checkpoints; 0 = not counted (streaming data)
+    epochs: int = 0  # finetune: passes over the finite data; sets steps (and warmup_epochs) when > 0
     max_steps_this_run: int = 0  # stop after this many steps (0 = until `steps`); for staged runs/tests
 
 
@@ -92,16 +94,37 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db
     experiment: str = "scaling"
     run_name: str = ""
+    parent_run_id: str = ""  # set by `scaling pipeline`: stage runs nest under the pipeline run
 
 
 @dataclass
-class PretrainConfig:
+class FinetuneConfig:
+    """Supervised stages (post-pre-training on K710, task fine-tuning); REFERENCE.md defaults."""
+
+    num_classes: int = 400
+    init_from: str = ""  # "" (random init), "previous" (the pipeline's previous stage), or a checkpoint path
+    layer_decay: float = 0.75
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # 0 disables mixup
+    cutmix: float = 1.0  # 0 disables cutmix
+    head_drop: float = 0.0
+    rand_aug: str = "rand-m7-n4-mstd0.5-inc1"
+    reprob: float = 0.25  # random erasing probability
+    val_shards: str = ""  # evaluated with test_clips x test_crops views after training
+    test_clips: int = 5
+    test_crops: int = 3
+
+
+@dataclass
+class RunConfig:
+    stage: str = "pretrain"  # pretrain (masked video modelling) | finetune (supervised)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _coerce(value, annotation, key: str):
@@ -181,14 +204,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     data = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. pipelines/smoke.yaml")
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. pipelines/pretrain_smoke.yaml")
         data = yaml.safe_load(p.read_text()) or {}
-    return _build(PretrainConfig, apply_overrides(data, list(overrides)))
+    return _build(RunConfig, apply_overrides(data, list(overrides)))
 
 
 def to_dict(cfg) -> dict:
@@ -208,7 +231,28 @@ def resolve_ds_config(path: str) -> Path:
     raise ConfigError(f"train.ds_config '{path}' not found; use one of ds_configs/*.json")
 
 
-def data_sources(cfg: PretrainConfig) -> list[Source]:
+def validate_finetune(cfg: RunConfig, world_size: int) -> None:
+    f, t = cfg.finetune, cfg.train
+    if f.num_classes < 2:
+        raise ConfigError(f"finetune.num_classes must be at least 2, got {f.num_classes}")
+    if f.init_from not in ("", "previous") and not Path(f.init_from).is_file():
+        raise ConfigError(f"finetune.init_from '{f.init_from}' is not a file; give an exported .pt/.pth checkpoint, 'previous' in a pipeline, or ''")
+    if not 0 < f.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+    clips = micro_batch(cfg, world_size) * cfg.data.num_sample
+    if (f.mixup > 0 or f.cutmix > 0) and clips % 2:
+        raise ConfigError(f"mixup/cutmix pair clips within a rank's batch, which holds {clips} (odd); make "
+                          "global_batch / (ranks x grad_accum) x data.num_sample even or set finetune.mixup=0 finetune.cutmix=0")
+    if f.val_shards:
+        try:
+            expand_shards(f.val_shards)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"finetune.val_shards matches no files ({e}); check the path") from None
+    if t.epochs < 0 or cfg.optim.warmup_epochs < 0 or (t.epochs and cfg.optim.warmup_epochs >= t.epochs):
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be below train.epochs={t.epochs}")
+
+
+def data_sources(cfg: RunConfig) -> list[Source]:
     """The run's sources: `data.sources`, or `data.shards` as one source with `data.stride`."""
     d = cfg.data
     if d.sources and d.shards:
@@ -221,13 +265,15 @@ def data_sources(cfg: PretrainConfig) -> list[Source]:
         raise ConfigError(f"data.sources: {e}") from None
 
 
-def micro_batch(cfg: PretrainConfig, world_size: int) -> int:
+def micro_batch(cfg: RunConfig, world_size: int) -> int:
     return cfg.train.global_batch // (world_size * cfg.train.grad_accum)
 
 
-def validate(cfg: PretrainConfig, world_size: int) -> None:
+def validate(cfg: RunConfig, world_size: int) -> None:
     """Everything a user can get wrong, refused before any rank starts."""
     m, t, k, d, o = cfg.model, cfg.train, cfg.mask, cfg.data, cfg.optim
+    if cfg.stage not in ("pretrain", "finetune"):
+        raise ConfigError(f"stage '{cfg.stage}' is unknown; choose pretrain or finetune")
     if m.name not in VIT_SIZES:
         raise ConfigError(f"unknown model.name '{m.name}'; choose one of: {', '.join(VIT_SIZES)}")
     try:
@@ -269,6 +315,8 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
         raise ConfigError("data.num_sample and data.stride must be at least 1 and data.num_workers at least 0")
     if o.base_lr <= 0 or o.min_lr < 0 or o.min_lr > o.base_lr:
         raise ConfigError(f"optim.base_lr must be > 0 and 0 <= optim.min_lr <= base_lr (got {o.base_lr}, {o.min_lr})")
-    if o.warmup_steps >= t.steps:
+    if cfg.stage == "finetune":
+        validate_finetune(cfg, world_size)
+    elif o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
 

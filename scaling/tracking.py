@@ -27,17 +27,18 @@ class NullTracker:
 class MLflowTracker:
     """One MLflow run; `run_id` given resumes that run (a resumed training continues its run)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
+                 parent_run_id: str = "", tags: dict | None = None):
         import mlflow
 
         self.mlflow = mlflow
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(tracking_uri_or_default(tracking_uri))
         if run_id:
             self.run = mlflow.start_run(run_id=run_id)
         else:
             mlflow.set_experiment(experiment)
-            self.run = mlflow.start_run(run_name=run_name or None)
+            self.run = mlflow.start_run(run_name=run_name or None, parent_run_id=parent_run_id or None,
+                                        tags={**slurm_tags(), **(tags or {})})
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict) -> None:
@@ -60,7 +61,17 @@ class MLflowTracker:
         self.mlflow.end_run(status=status)
 
 
-def make_tracker(rank: int, enabled: bool, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None):
+def tracking_uri_or_default(uri: str = "") -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def slurm_tags() -> dict:
+    """The Slurm job a run belongs to, when there is one (lineage across requeues)."""
+    return {"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}
+
+
+def make_tracker(rank: int, enabled: bool, tracking_uri: str, experiment: str, run_name: str = "",
+                 run_id: str | None = None, parent_run_id: str = "", tags: dict | None = None):
     if rank != 0 or not enabled:
         return NullTracker()
-    return MLflowTracker(tracking_uri, experiment, run_name, run_id)
+    return MLflowTracker(tracking_uri, experiment, run_name, run_id, parent_run_id, tags)

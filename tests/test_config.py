@@ -4,7 +4,7 @@ import pytest
 from scaling.cli import main
 from scaling.config import ConfigError, load_config, validate
 
-SMOKE = "pipelines/smoke.yaml"
+SMOKE = "pipelines/pretrain_smoke.yaml"
 
 
 @pytest.fixture(autouse=True)

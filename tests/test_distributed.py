@@ -18,7 +18,7 @@ import torch
 from scaling.models.pretrain import build_pretrain_model
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "pipelines" / "smoke.yaml"
+SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
 SCALING = [sys.executable, "-m", "scaling.cli"]
 
 

@@ -13,7 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from scaling.config import PretrainConfig, micro_batch, resolve_ds_config
+from scaling.config import RunConfig, micro_batch, resolve_ds_config
 from scaling.train.schedule import warmup_cosine
 
 # Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
@@ -21,7 +21,7 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
               "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def build_ds_config(cfg: PretrainConfig, world_size: int) -> dict:
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     path = resolve_ds_config(cfg.train.ds_config)
     ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     clashes = [k for k in OWNED_KEYS if k in ds]
@@ -38,11 +38,11 @@ def build_ds_config(cfg: PretrainConfig, world_size: int) -> dict:
     return ds
 
 
-def clips_per_step(cfg: PretrainConfig) -> int:
+def clips_per_step(cfg: RunConfig) -> int:
     return cfg.train.global_batch * cfg.data.num_sample
 
 
-def peak_lr(cfg: PretrainConfig) -> float:
+def peak_lr(cfg: RunConfig) -> float:
     """Linear scaling rule of MAE/VideoMAE: base_lr is per 256 clips."""
     return cfg.optim.base_lr * clips_per_step(cfg) / 256
 
@@ -68,15 +68,23 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Modu
         return make_model()
 
 
-def initialize(model: nn.Module, cfg: PretrainConfig, ds_config: dict):
+def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[dict] | None = None,
+               total_steps: int | None = None, warmup_steps: int | None = None):
+    """AdamW over `groups` (default: decay / no-decay) + warmup-cosine, inside DeepSpeed.
+
+    A group may carry its own `lr` (layer decay: peak lr x lr_scale); the schedule multiplies
+    every group's initial lr, so the per-group ratios hold at every step."""
     lr = peak_lr(cfg)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr, betas=o.betas)
+    groups = groups if groups is not None else param_groups(model, o.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=o.betas)
     min_ratio = (o.min_lr * clips_per_step(cfg) / 256) / lr
+    total = total_steps or cfg.train.steps
+    warmup = o.warmup_steps if warmup_steps is None else warmup_steps
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: warmup_cosine(opt, o.warmup_steps, cfg.train.steps, min_ratio),
+        lr_scheduler=lambda opt: warmup_cosine(opt, warmup, total, min_ratio),
         config=ds_config,
     )
     return engine, scheduler

@@ -16,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from scaling.config import PretrainConfig, micro_batch, save_config, to_dict
+from scaling.config import RunConfig, micro_batch, save_config, to_dict
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
@@ -30,7 +30,7 @@ def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
     return hash((seed, step, micro, rank)) & 0x7FFF_FFFF
 
 
-def masks_for_rank(cfg: PretrainConfig, grid, step: int, micro: int, rank: int, clips_per_rank: int, world: int):
+def masks_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, clips_per_rank: int, world: int):
     """Masks for the global micro-batch, sliced to this rank: the same clip gets the same mask
     whatever the number of ranks."""
     g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
@@ -40,11 +40,11 @@ def masks_for_rank(cfg: PretrainConfig, grid, step: int, micro: int, rank: int, 
     return enc[rows], dec[rows]
 
 
-def epoch_of(cfg: PretrainConfig, step: int) -> int:
+def epoch_of(cfg: RunConfig, step: int) -> int:
     return step // cfg.train.steps_per_epoch if cfg.train.steps_per_epoch else 0
 
 
-def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
+def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
     """(batch iterator, callable returning the loader's counters: clips, bad samples, per source)."""
     micro = micro_batch(cfg, world)
     m, d = cfg.model, cfg.data
@@ -64,7 +64,7 @@ def make_batches(cfg: PretrainConfig, rank: int, world: int, start_step: int):
     return iter(loader), lambda: loader.stats
 
 
-def run_pretrain(cfg: PretrainConfig) -> list[float]:
+def run_pretrain(cfg: RunConfig) -> list[float]:
     """Train until `train.steps` (or `max_steps_this_run` more steps); returns this run's losses."""
     # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
@@ -85,9 +85,12 @@ def run_pretrain(cfg: PretrainConfig) -> list[float]:
     if start:
         resync_lr(scheduler)  # the run may have been resumed with a longer schedule
     tracker = make_tracker(rank, cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"))
+                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"),
+                           parent_run_id=cfg.tracking.parent_run_id, tags={"stage_kind": "pretrain"})
     if rank == 0:
         save_config(cfg, out / "config.yaml")
+        if tracker.run_id:
+            (out / "mlflow_run_id").write_text(tracker.run_id)  # for the pipeline's lineage tags
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         tracker.log_params({**flatten(to_dict(cfg)), "world_size": world, "micro_batch": micro_batch(cfg, world),
                             "peak_lr": peak_lr(cfg), "clips_per_step": clips_per_step(cfg)})

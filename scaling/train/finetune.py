@@ -1,0 +1,152 @@
+"""Supervised training (post-pre-training on K710, task fine-tuning), one rank's view.
+
+Same engine, checkpointing and tracking as pre-training; what differs is the model (a
+classifier started from the previous stage's weights), layer-wise lr decay, mixup/cutmix with
+soft targets, a finite loader read once per epoch, and a multi-view evaluation at the end.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from scaling.config import RunConfig, data_sources, micro_batch, save_config, to_dict
+from scaling.data.finetune import build_finetune_loader
+from scaling.evaluate import evaluate
+from scaling.models.classify import build_classifier
+from scaling.tracking import flatten, make_tracker
+from scaling.train import checkpoint
+from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.init_weights import load_initial_weights
+from scaling.train.param_groups import layer_decay_groups
+from scaling.train.pretrain import log_step, step_seed, summed
+from scaling.train.schedule import resync_lr
+
+
+def train_loader_for(cfg: RunConfig, rank: int, world: int):
+    d, m, f = cfg.data, cfg.model, cfg.finetune
+    return build_finetune_loader(
+        sources=data_sources(cfg), videos_per_batch=micro_batch(cfg, world), num_frames=m.num_frames,
+        input_size=m.input_size, num_sample=d.num_sample, num_workers=d.num_workers, seed=cfg.train.seed,
+        rank=rank, world_size=world, train=True, rand_aug=f.rand_aug or None, reprob=f.reprob,
+    )
+
+
+def batches_from(loader, start_step: int, steps_per_epoch: int, grad_accum: int):
+    """Endless micro-batches over epochs, starting inside the epoch of `start_step`."""
+    epoch = start_step // steps_per_epoch
+    skip = (start_step % steps_per_epoch) * grad_accum
+    while True:
+        loader.set_epoch(epoch)
+        loader.skip_batches = skip  # the loader skips without decoding
+        yield from iter(loader)
+        epoch, skip = epoch + 1, 0
+
+
+def criterion_for(cfg: RunConfig):
+    f = cfg.finetune
+    if f.mixup > 0 or f.cutmix > 0:
+        mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, label_smoothing=f.label_smoothing, num_classes=f.num_classes)
+        return mixup, SoftTargetCrossEntropy()  # mixup already smooths the targets
+    return None, LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing else torch.nn.CrossEntropyLoss()
+
+
+def run_finetune(cfg: RunConfig) -> dict:
+    """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.train.output_dir)
+    ckpt_dir = out / "checkpoints"
+    ds_config = build_ds_config(cfg, world)
+    m, f, t = cfg.model, cfg.finetune, cfg.train
+
+    torch.manual_seed(t.seed)
+    model = build_model(lambda: build_classifier(m.name, f.num_classes, m.num_frames, m.input_size, m.drop_path), ds_config)
+    model.set_grad_checkpointing(m.activation_checkpointing)
+    if f.init_from and checkpoint.latest_tag(ckpt_dir) is None:
+        # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
+        load_initial_weights(model, f.init_from)
+
+    loader = train_loader_for(cfg, rank, world)
+    steps_per_epoch = max(1, len(loader) // t.grad_accum)
+    total = t.epochs * steps_per_epoch if t.epochs else t.steps
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch if t.epochs else cfg.optim.warmup_steps
+    groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
+    engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
+
+    state = checkpoint.resume(engine, ckpt_dir) or {}
+    start = state.get("step", 0)
+    if start:
+        resync_lr(scheduler)
+    tracker = make_tracker(rank, cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment,
+                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"),
+                           parent_run_id=cfg.tracking.parent_run_id, tags={"stage_kind": "finetune", "init_from": f.init_from})
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        if tracker.run_id:
+            (out / "mlflow_run_id").write_text(tracker.run_id)  # for the pipeline's lineage tags
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        tracker.log_params({**flatten(to_dict(cfg)), "world_size": world, "steps_total": total,
+                            "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)})
+        tracker.log_artifact(str(out / "config.yaml"))
+        tracker.log_artifact(str(out / "ds_config.json"))
+        print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
+              f"{f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
+
+    mixup, criterion = criterion_for(cfg)
+    batches = batches_from(loader, start, steps_per_epoch, t.grad_accum)
+    dtype = input_dtype(t.precision)
+    end = min(total, start + t.max_steps_this_run) if t.max_steps_this_run else total
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
+        np.random.seed(step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
+        lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
+        step_loss = torch.zeros(())
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            video, target = batch["video"], batch["label"]  # (B, 3, T, H, W), (B,)
+            if mixup is not None:
+                video, target = mixup(video, target)  # target: (B, classes) soft
+            loss = criterion(engine(video.to(dtype)).float(), target)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float() / t.grad_accum
+        dist.all_reduce(step_loss)
+        step_loss = step_loss.item() / world
+        seconds = time.perf_counter() - t0
+        logging = (step + 1) % t.log_every == 0
+        counters = summed(loader.stats) if logging else {}
+        if rank == 0 and logging:
+            grad_norm = engine.get_global_grad_norm()
+            log_step(tracker, out, step + 1, total, {
+                "loss": step_loss, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                **{f"data/{k}": v for k, v in counters.items()}})
+        if (step + 1) % t.save_every == 0 or step + 1 == end:
+            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,
+                                                         "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints)
+
+    results = {}
+    if end == total and f.val_shards:
+        results = evaluate(engine, cfg, rank, world)
+        if rank == 0:
+            per_class = results.pop("per_class_accuracy")
+            (out / "eval.json").write_text(json.dumps({**results, "per_class_accuracy": per_class}, indent=2))
+            tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, step=end)
+            tracker.log_artifact(str(out / "eval.json"))
+            print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
+                  f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
+    if rank == 0:
+        tracker.close()
+    dist.barrier()
+    return results
