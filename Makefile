@@ -13,10 +13,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# A C++ compiler builds DeepSpeed's shared-memory op on first use; libaio-dev lets its
-	@# async_io op build for NVMe offload. Install them only where missing (needs root).
-	@if ! command -v g++ >/dev/null || ! [ -e /usr/include/libaio.h ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq g++ libaio-dev >/dev/null; \
-	  else echo "please install g++ and libaio-dev (apt-get install g++ libaio-dev)"; fi; fi
+	@# async_io op build for NVMe offload; the ffmpeg CLI makes test videos of other codecs.
+	@# Installed only where missing (needs root).
+	@if ! command -v g++ >/dev/null || ! command -v ffmpeg >/dev/null || ! [ -e /usr/include/libaio.h ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq g++ libaio-dev ffmpeg >/dev/null; \
+	  else echo "please install g++, libaio-dev and ffmpeg (apt-get install g++ libaio-dev ffmpeg)"; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -e '.[test]'

@@ -1,0 +1,79 @@
+"""`scaling shard`: the subcommand's options and its one call into `scaling.data.shards`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def _bytes(text: str) -> int:
+    """'500M' / '1G' / '123456' -> bytes (decimal units, as disk sizes are quoted)."""
+    t = text.strip().lower().removesuffix("b")
+    try:
+        return int(float(t[:-1]) * _UNITS[t[-1]]) if t and t[-1] in _UNITS else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 500M, 2G or a byte count)") from None
+
+
+def add_shard_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "shard",
+        help="write real videos (folder or CSV/TSV list) into webdataset mp4+json shards",
+        description="Write videos into webdataset shards PREFIX-NNNNNN.tar of mp4 + json, with manifest.json and "
+        "failures.jsonl. Re-running the same command finishes only the missing shards.",
+    )
+    s.add_argument("--input", required=True,
+                   help="a folder scanned recursively (class subfolders give labels) or a CSV/TSV of path[,label] "
+                        "(optional header naming 'path' and 'label'; relative paths are relative to the list)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--prefix", default=None, help="shard name prefix (default: the source name)")
+    s.add_argument("--source", default=None, help="source name stored in every sample (default: folder name or list stem)")
+    s.add_argument("--short-side", type=int, default=320,
+                   help="scale videos down so the short side is at most this many pixels (0 = keep size); default 320")
+    s.add_argument("--max-duration", type=float, default=0.0, help="cut videos after this many seconds (0 = keep all)")
+    s.add_argument("--crf", type=int, default=23, help="x264 quality of transcoded videos (lower = better, bigger); default 23")
+    s.add_argument("--preset", default="fast",
+                   help="x264 speed preset of transcoded videos (veryfast: ~2x faster on 720p input here); default fast")
+    s.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per shard (default 1000)")
+    s.add_argument("--max-shard-bytes", type=_bytes, default=0,
+                   help="also start a new shard before the shard's *input* files exceed this size, e.g. 1G "
+                        "(input sizes keep the plan fixed up front, so re-runs stay resumable; transcoding down "
+                        "usually shrinks videos, so output shards stay below it)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default: the cores this process may use)")
+    s.add_argument("--classes", default=None,
+                   help="class map for name labels: a .txt (one name per line), a .json name->index, or another "
+                        "run's manifest.json (use the train split's map for the val split)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only on a terminal)")
+    s.set_defaults(func=cmd_shard)
+    return s
+
+
+def cmd_shard(args) -> int:
+    from scaling.data.shards import ShardInputError, usable_cores, write_shards
+
+    try:
+        m = write_shards(
+            args.input, args.out, prefix=args.prefix, source=args.source, short_side=args.short_side,
+            max_duration=args.max_duration, crf=args.crf, preset=args.preset, samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes, workers=args.workers or usable_cores(), classes=args.classes,
+            progress=args.progress,
+        )
+    except (ShardInputError, FileNotFoundError) as e:
+        print(f"scaling shard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scaling shard: interrupted; run the same command again to finish the missing shards", file=sys.stderr)
+        return 130
+    print(f"wrote {m['count']} of {m['inputs']} videos ({m['copied']} copied, {m['transcoded']} transcoded, "
+          f"{m['bytes'] / 1e6:.1f} MB) into {len(m['shards'])} shards under {args.out}")
+    if m["failures"]:
+        print(f"skipped {m['failures']} unreadable videos: see {os.path.join(args.out, 'failures.jsonl')}")
+    # Every input failing means a systematic problem (wrong list, missing codec), not bad files.
+    return 1 if m["count"] == 0 else 0
+
+
+__all__ = ["add_shard_parser", "cmd_shard"]
