@@ -101,10 +101,22 @@ class Attention(nn.Module):
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3C)
+        if qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
+            # PyTorch's CPU flash kernel is ~2x slower in bf16 than in fp32, forward and
+            # backward, and slower than the explicit softmax (bench/README.md). Feed it fp32:
+            # the casts are O(N), the memory stays linear, and the result is more precise.
+            # Autocast would cast SDPA's inputs straight back to bf16, hence the local off.
+            with torch.autocast("cpu", enabled=False):
+                x = self._attend(qkv.float(), B, N, C).to(qkv.dtype)
+        else:
+            x = self._attend(qkv, B, N, C)
+        return self.proj(x)
+
+    def _attend(self, qkv: torch.Tensor, B: int, N: int, C: int) -> torch.Tensor:
         q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, c)
         # SDPA picks a fused kernel and never keeps the N x N matrix for backward.
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, c)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
 
 
 class Block(nn.Module):
