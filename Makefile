@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 STEPS ?= 40
 RANKS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo pretrain test bench clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,20 @@ $(STAMP): pyproject.toml
 data/synth/synth-000003.tar: | $(STAMP)
 	$(VENV)/bin/scaling synth --out data/synth --num-videos 64 --per-shard 16
 
-# Debug-size dual-masking pre-training on 2 local ranks (ZeRO-3, bf16, activation
-# checkpointing) from synthetic mp4 shards. Run it again (or with a larger STEPS=) and it
-# resumes from its last checkpoint.
-demo: $(STAMP) data/synth/synth-000003.tar
-	$(VENV)/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
+data/synth_val/synth-000001.tar: | $(STAMP)
+	$(VENV)/bin/scaling synth --out data/synth_val --num-videos 32 --per-shard 16 --seed 1
+
+# The three-stage pipeline at debug size on 2 local ranks (ZeRO-3, bf16, activation
+# checkpointing): dual-masking pre-training -> post-pre-training -> fine-tuning + multi-view
+# test, from synthetic mp4 shards. Run it again and finished stages are skipped, an
+# interrupted one resumes from its last checkpoint.
+demo: $(STAMP) data/synth/synth-000003.tar data/synth_val/synth-000001.tar
+	$(VENV)/bin/scaling pipeline run pipelines/smoke.yaml
 	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# Pre-training alone; `make pretrain STEPS=80` continues the same run (and MLflow run).
+pretrain: $(STAMP) data/synth/synth-000003.tar
+	$(VENV)/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10
@@ -40,4 +48,4 @@ bench: $(STAMP)
 	$(PY) bench/step.py --model vit_b --batch 2 --masking dual --precision bf16 --attention both
 
 clean:
-	rm -rf runs mlruns mlflow.db data/synth
+	rm -rf runs mlruns mlflow.db data/synth data/synth_val

@@ -98,10 +98,15 @@ def select(stages: list[Stage], start: str | None, until: str | None) -> list[St
     return stages[lo:hi]
 
 
+def fingerprint(cfg: RunConfig) -> dict:
+    """What decides a stage's weights: its config as JSON would store it, tracking left out."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "tracking"}))
+
+
 def finished(stage: Stage) -> bool:
     """Done and exported with exactly this config (a changed config runs the stage again)."""
     done = stage.dir / "DONE.json"
-    return stage.export.is_file() and done.is_file() and json.loads(done.read_text())["config"] == to_dict(stage.config)
+    return stage.export.is_file() and done.is_file() and json.loads(done.read_text())["config"] == fingerprint(stage.config)
 
 
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
@@ -136,7 +141,7 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
                 raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); fix the cause and re-run the same "
                                    "command: finished stages are skipped and this one resumes from its last checkpoint")
             export_fp32(stage.dir / "checkpoints", stage.export, extra={"config": to_dict(cfg), "stage": stage.name})
-            (stage.dir / "DONE.json").write_text(json.dumps({"config": to_dict(cfg), "weights": str(stage.export)}))
+            (stage.dir / "DONE.json").write_text(json.dumps({"config": fingerprint(cfg), "weights": str(stage.export)}))
         summary[stage.name] = lineage.record(stage, previous)
         previous = stage
     lineage.close("FINISHED")

@@ -105,7 +105,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(shards, full_run,
     assert after == losses(reference)[resumed_from:], "same clips, masks and updates after resume"
     # The resumed process continued the killed run's MLflow run instead of opening a new one.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["smoke"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["pretrain_smoke"], output_format="list")
     assert len(runs) == 1
     steps = {m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")}
     assert steps == set(range(1, 9))
@@ -120,7 +120,7 @@ def test_loss_falls_on_synthetic_shards(full_run):
 def test_mlflow_run_holds_config_metrics_and_artifacts(full_run):
     tmp, rows = full_run
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["smoke"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["pretrain_smoke"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["model.name"] == "debug" and run.data.params["world_size"] == "2"

@@ -110,7 +110,9 @@ def run_finetune(cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
         np.random.seed(step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
+        # Layer decay lives in each group's lr (peak x lr_scale); the schedule scales all alike.
         lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
+        lr_lowest = min(g["lr"] for g in scheduler.optimizer.param_groups)
         step_loss = torch.zeros(())
         for _ in range(t.grad_accum):
             batch = next(batches)
@@ -129,7 +131,7 @@ def run_finetune(cfg: RunConfig) -> dict:
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
             log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                "loss": step_loss, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
         if (step + 1) % t.save_every == 0 or step + 1 == end:
