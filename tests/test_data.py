@@ -164,3 +164,92 @@ def test_shards_without_any_video_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not be decoded"):
         take(loader, 1)
     assert loader.stats["bad_groups"] >= 3 and loader.stats["batches"] == 0
+
+
+# ---- hybrid mix -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mix")
+    a = write_synthetic_shards(out / "a", 8, videos_per_shard=4, num_frames=16, height=48, width=64, seed=1)
+    b = write_synthetic_shards(out / "b", 8, videos_per_shard=4, num_frames=16, height=48, width=64, seed=2)
+    return a, b
+
+
+def test_mix_realizes_the_weights_over_2000_samples(two_sources):
+    from scaling.data.sources import Source
+
+    a, b = two_sources
+    sources = [Source("k", a, weight=0.7), Source("ssv2", b, weight=0.3, stride=1, flip=False)]
+    loader = build_pretrain_loader(sources=sources, videos_per_batch=50, num_frames=4, input_size=16, num_workers=0)
+    it = iter(loader)
+    for _ in range(40):  # 2,000 videos
+        next(it)
+    st = loader.stats
+    drawn = st["source/k/samples"] + st["source/ssv2/samples"]
+    assert drawn == st["raw_samples"] == 2000 and st["clips"] == 2000
+    share = st["source/k/samples"] / drawn
+    assert abs(share - 0.7) < 0.03, st
+    assert abs(share - 0.7) < 0.005, "the quasi-random mix tracks the weights within a few samples"
+    assert st["source/k/clips"] + st["source/ssv2/clips"] == 2000
+
+
+def test_mix_is_deterministic_resumable_and_uses_each_sources_stride(two_sources, monkeypatch):
+    import scaling.data.loader as loader_mod
+    from scaling.data.sources import Source
+
+    a, b = two_sources
+    sources = [Source("a", a, weight=0.5, stride=3), Source("b", b, weight=0.5, stride=1)]
+    kw = dict(sources=sources, videos_per_batch=2, seed=5, **{**SMALL, "num_frames": 4})
+    full = take(build_pretrain_loader(**kw), 5)
+    resumed = take(build_pretrain_loader(skip_batches=3, **kw), 2)
+    assert all(torch.equal(x, y) for x, y in zip(resumed, full[3:]))
+    strides = []
+    real = loader_mod.clip_indices
+    monkeypatch.setattr(loader_mod, "clip_indices", lambda n, t, stride, rng: strides.append(stride) or real(n, t, stride, rng))
+    loader = build_pretrain_loader(**kw)
+    take(loader, 4)
+    st = loader.stats
+    assert strides.count(3) == st["source/a/clips"] > 0 and strides.count(1) == st["source/b/clips"] > 0
+
+
+def test_plain_shards_equal_one_source(shards):
+    from scaling.data.sources import Source
+
+    plain = take(build_pretrain_loader(shards, videos_per_batch=2, seed=1, **SMALL), 2)
+    single = take(build_pretrain_loader(sources=[Source("x", shards, stride=SMALL["stride"])], videos_per_batch=2, seed=1,
+                                        **{k: v for k, v in SMALL.items() if k != "stride"}), 2)
+    assert all(torch.equal(x, y) for x, y in zip(plain, single))
+
+
+def test_source_errors_are_clear(shards):
+    from scaling.data.sources import Source
+
+    with pytest.raises(ValueError, match="exactly one of shards"):
+        build_pretrain_loader(shards, sources=[Source("a", shards)], videos_per_batch=1)
+    with pytest.raises(ValueError, match="unique"):
+        build_pretrain_loader(sources=[Source("a", shards), Source("a", shards)], videos_per_batch=1)
+    with pytest.raises(ValueError, match="weight"):
+        build_pretrain_loader(sources=[Source("a", shards, weight=0)], videos_per_batch=1)
+
+
+def test_uint8_output_normalizes_to_the_float_output(shards):
+    from scaling.data.transforms import normalize_video
+
+    kw = dict(videos_per_batch=2, num_sample=2, seed=2, **SMALL)
+    (f32,) = take(build_pretrain_loader(shards, **kw), 1)
+    (u8,) = take(build_pretrain_loader(shards, normalize=False, **kw), 1)
+    assert u8.dtype == torch.uint8 and u8.shape == f32.shape
+    assert torch.equal(normalize_video(u8), f32)
+
+
+def test_read_clips_decodes_once_and_matches_single_clips(shards):
+    from scaling.data.video import open_video, read_clips, read_frames
+
+    mp4 = next(iter(wds.WebDataset(shards[:1], shardshuffle=False, empty_check=False)))["mp4"]
+    vr = open_video(mp4)  # 24 frames
+    index_lists = [[3, 5, 7, 9], [4, 6, 8, 10], [20, 22, 0, 2], [3, 5, 7, 9]]  # overlapping, looping, repeated
+    clips = read_clips(vr, index_lists)
+    for idx, clip in zip(index_lists, clips):
+        assert np.array_equal(clip, read_frames(open_video(mp4), idx))

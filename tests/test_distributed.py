@@ -77,17 +77,24 @@ def shards(tmp_path_factory):
 SHARD_RUN = ["train.steps=8", "train.save_every=2", "train.keep_checkpoints=2"]
 
 
+def mix(shards: str) -> str:
+    """A two-source hybrid mix over the synthetic shards (different weights and strides)."""
+    first, second = shards.replace("{000000..000003}", "{000000..000001}"), shards.replace("{000000..000003}", "{000002..000003}")
+    return (f"data.sources=[{{name: kinetics, shards: '{first}', weight: 0.7, stride: 2}}, "
+            f"{{name: ssv2, shards: '{second}', weight: 0.3, stride: 1, flip: false}}]")
+
+
 @pytest.fixture(scope="module")
 def full_run(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
-    rows = run(tmp / "run", f"data.shards={shards}", *SHARD_RUN, tmp=tmp)
+    rows = run(tmp / "run", "data.shards=''", mix(shards), *SHARD_RUN, tmp=tmp)
     return tmp, rows
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_losses(shards, full_run, tmp_path):
     _, reference = full_run
     out = tmp_path / "killed"
-    proc = subprocess.Popen(pretrain_cmd(out, f"data.shards={shards}", *SHARD_RUN), env=env_for(tmp_path), cwd=tmp_path,
+    proc = subprocess.Popen(pretrain_cmd(out, "data.shards=''", mix(shards), *SHARD_RUN), env=env_for(tmp_path), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -100,7 +107,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(shards, full_run,
     proc.wait()
     resumed_from = int(latest.read_text().strip()[4:])
     assert 4 <= resumed_from < 8
-    resumed = run(out, f"data.shards={shards}", *SHARD_RUN, tmp=tmp_path)
+    resumed = run(out, "data.shards=''", mix(shards), *SHARD_RUN, tmp=tmp_path)
     after = [r["loss"] for r in resumed if r["step"] > resumed_from]
     assert after == losses(reference)[resumed_from:], "same clips, masks and updates after resume"
     # The resumed process continued the killed run's MLflow run instead of opening a new one.
@@ -128,6 +135,9 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(full_run):
     assert [m.step for m in history] == list(range(1, 9))
     for key in ("lr", "grad_norm", "clips_per_s", "step_time_s", "data/videos", "data/bad_samples"):
         assert key in run.data.metrics
+    # The realized mix is visible in MLflow: per-source draws, summed over both ranks.
+    drawn = {s: run.data.metrics[f"data/source/{s}/samples"] for s in ("kinetics", "ssv2")}
+    assert drawn["kinetics"] > drawn["ssv2"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json"} <= artifacts
 

@@ -10,8 +10,12 @@ Weights are relative (normalized over the list). Why not webdataset's `RandomMix
 from the *global* `random` module (`random_samples` calls `random.random()`), whose state
 depends on whatever else ran in the process (and on DataLoader's per-worker seeding), so the
 mix could not be reproduced from (seed, rank, worker) nor replayed by `skip_batches`.
-`weighted_mix` is the same algorithm (cumulative weights + a uniform draw per sample) with an
-explicit `random.Random`.
+`weighted_mix` keeps its algorithm (a number in [0, 1) per sample, looked up in the
+cumulative weights) but takes the numbers from a seeded quasi-random (golden-ratio Weyl)
+sequence instead of independent draws: over ANY run of n consecutive samples, source i's
+count stays within about 3 of n * w_i (measured up to n = 20,000), where independent draws
+would stray by ~sqrt(n * w_i): so 2,000 samples of a 0.7/0.3 mix are 1400 +- 3, not +- 20,
+and every batch already holds the configured mix.
 """
 
 from __future__ import annotations
@@ -84,12 +88,15 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     return expanded
 
 
-def weighted_mix(streams: Sequence[Iterable], weights: Sequence[float], rng: random.Random) -> Iterator[tuple[int, object]]:
-    """Endless (source index, item): each item from stream i with probability w_i / sum(w).
+GOLDEN = (5**0.5 - 1) / 2  # Weyl step: the most evenly spread sequence frac(u + n * GOLDEN)
 
-    One `rng.random()` per item, so the sequence of choices is a pure function of the rng's
-    seed, and skipping n items replays exactly n draws. Streams must be endless (resampled).
-    A single stream is passed through without drawing (its stream equals the unmixed one).
+
+def weighted_mix(streams: Sequence[Iterable], weights: Sequence[float], rng: random.Random) -> Iterator[tuple[int, object]]:
+    """Endless (source index, item): item n comes from stream i when frac(u + n * GOLDEN)
+    falls in source i's share [c_{i-1}, c_i) of the cumulative normalized weights; u is the
+    one draw from `rng`. So the choices are a pure function of the rng's seed and n (skipping
+    n items replays exactly), and realized proportions track the weights tightly (module
+    docstring). Streams must be endless (resampled). A single stream is passed through.
     """
     its = [iter(s) for s in streams]
     if len(its) == 1:
@@ -98,8 +105,9 @@ def weighted_mix(streams: Sequence[Iterable], weights: Sequence[float], rng: ran
     total = float(sum(weights))
     cum = list(itertools.accumulate(w / total for w in weights))
     last = len(its) - 1
-    while True:
-        i = min(bisect.bisect_right(cum, rng.random()), last)  # min: cum[-1] may round below 1
+    u = rng.random()
+    for n in itertools.count():
+        i = min(bisect.bisect_right(cum, (u + n * GOLDEN) % 1.0), last)  # min: cum[-1] may round below 1
         yield i, next(its[i])
 
 

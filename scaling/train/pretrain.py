@@ -16,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from scaling.config import RunConfig, micro_batch, save_config, to_dict
+from scaling.config import RunConfig, data_sources, micro_batch, save_config, to_dict
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
@@ -57,7 +57,7 @@ def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
     from scaling.data.loader import build_pretrain_loader
 
     loader = build_pretrain_loader(
-        d.shards, videos_per_batch=micro, num_frames=m.num_frames, stride=d.stride, input_size=m.input_size,
+        sources=data_sources(cfg), videos_per_batch=micro, num_frames=m.num_frames, input_size=m.input_size,
         num_sample=d.num_sample, num_workers=d.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
         skip_batches=start_step * cfg.train.grad_accum,
     )
