@@ -8,14 +8,12 @@ is launched.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import braceexpand
 import yaml
 
 from scaling.data.sources import Source, as_sources, expand_shards

@@ -154,3 +154,17 @@ def test_unreadable_shards_fail_clearly_instead_of_spinning(tmp_path, monkeypatc
     assert loader.stats["tar_errors"] >= 6
     with pytest.raises(ValueError, match="hold no samples"):
         build_finetune_loader([str(junk), str(empty)], videos_per_batch=2, **SMALL)
+
+
+def test_pyav_fallback_matches_decord_and_wraps_past_its_end():
+    from scaling.data.video import Video
+
+    mp4 = encode_mp4(video(48, 64, t=12, seed=8), 10)
+    indices = [1, 4, 7, 10]
+    ref = Video(mp4).get_batch(indices).astype(int)
+    forced = Video(mp4)
+    forced._vr, forced.fallback, forced._error = None, True, "forced"  # as after a decord failure
+    got = forced.get_batch(indices).astype(int)
+    assert got.shape == ref.shape and np.abs(got - ref).mean() < 2.0
+    forced._len = 20  # decord over-counted: indices past PyAV's 12 frames wrap around
+    assert np.array_equal(forced.get_batch([11, 13]), forced.get_batch([11, 1]))

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 

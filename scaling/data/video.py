@@ -45,8 +45,10 @@ class Video:
     decord fails on some videos that are fine: e.g. 48x32 or 72x32 frames (any pixel format)
     open but every `get_batch` raises "DECORDArrayCopyFromTo: The size must exactly match",
     and a cut-off faststart mp4 fails to open although most of its frames are intact. Those
-    are decoded with PyAV instead (all frames, sequentially: slower, and rare), and
-    `fallback` says so (the loaders count it). Bytes neither library reads raise
+    are decoded with PyAV instead (`fallback` is then True; the loaders count it): one
+    sequential pass per `get_batch` that keeps only the wanted frames (so a long video costs
+    time, not memory), plus one counting pass when decord could not even open the bytes (the
+    length is then the number of frames PyAV can decode). Bytes neither library reads raise
     VideoDecodeError.
     """
 
@@ -54,47 +56,63 @@ class Video:
         if not data:
             raise EmptyVideoError("empty video bytes (zero-length file)")
         self.data, self.fallback = data, False
-        self._frames: list[np.ndarray] | None = None
         try:
             # One decode thread: the loader gets its parallelism from DataLoader workers, and
             # extra threads per worker only oversubscribe the cores.
             self._vr: decord.VideoReader | None = decord.VideoReader(io.BytesIO(data), num_threads=1)
             self._len = len(self._vr)
         except Exception as exn:  # decord raises DECORDError / RuntimeError with C++ messages
-            self._vr = None
-            self._decode_all_with_pyav(f"decord cannot open the video: {exn}")
+            self._vr, self.fallback = None, True
+            self._error = f"decord cannot open the video: {exn}"
+            self._len = self._pyav_pass(set())[0]  # counting pass: frames decoded, none kept
         if self._len == 0:
             raise VideoDecodeError("video has zero frames")
 
-    def _decode_all_with_pyav(self, decord_error: str) -> None:
-        self._frames = []
+    def _pyav_pass(self, wanted: set[int]) -> tuple[int, dict[int, np.ndarray]]:
+        """Decode in order with PyAV until the last wanted frame (all frames if none is wanted);
+        returns (frames decoded, {index: uint8 (H, W, 3)} for the wanted ones). A stream cut
+        off in its data ends early with the frames before the cut."""
+        kept: dict[int, np.ndarray] = {}
+        n, last = 0, max(wanted, default=None)
         try:
             with av.open(io.BytesIO(self.data), mode="r") as container:
                 stream = container.streams.video[0]
                 stream.codec_context.thread_count = 1
-                for frame in container.decode(stream):  # a cut-off stream keeps the frames before the cut
-                    self._frames.append(frame.to_ndarray(format="rgb24"))
+                for n, frame in enumerate(container.decode(stream), start=1):
+                    if n - 1 in wanted:
+                        kept[n - 1] = frame.to_ndarray(format="rgb24")
+                    if last is not None and n > last:
+                        break
         except Exception as exn:  # av.error.* (InvalidDataError, EOFError, ...), IndexError: no video stream
-            if not self._frames:
-                raise VideoDecodeError(f"{decord_error}; PyAV: {exn}") from exn
-        if not self._frames:
-            raise VideoDecodeError(f"{decord_error}; PyAV decodes no frame either")
-        self._len, self.fallback = len(self._frames), True
+            if n == 0:
+                raise VideoDecodeError(f"{self._error}; PyAV: {exn}") from exn
+        if n == 0:
+            raise VideoDecodeError(f"{self._error}; PyAV decodes no frame either")
+        return n, kept
 
     def __len__(self) -> int:
         return self._len
 
     def get_batch(self, indices: list[int]) -> np.ndarray:
-        """uint8 (T, H, W, 3) frames at `indices` (taken modulo the length PyAV found)."""
+        """uint8 (T, H, W, 3) frames at `indices`."""
         if self._vr is not None:
             try:
                 # A view of decord's own buffer (dlpack), not `.asnumpy()`'s copy: the loader
                 # only reads it once, to crop; saves ~10 % of the decode time at 480p.
                 return from_dlpack(self._vr.get_batch(indices).to_dlpack()).numpy()  # (T, H, W, 3) uint8
             except Exception as exn:  # truncated streams open fine but fail at frame decode
-                self._vr = None
-                self._decode_all_with_pyav(f"decord cannot decode frames {indices[0]}..{indices[-1]}: {exn}")
-        return np.stack([self._frames[i % self._len] for i in indices])
+                self._vr, self.fallback = None, True
+                self._error = f"decord cannot decode frames {indices[0]}..{indices[-1]}: {exn}"
+        n, kept = self._pyav_pass(set(indices))
+        if len(kept) < len(set(indices)):  # PyAV found fewer frames than decord's count: wrap
+            self._len = n
+            indices = [i % n for i in indices]
+            if set(indices) - set(kept):
+                kept.update(self._pyav_pass(set(indices) - set(kept))[1])
+        try:
+            return np.stack([kept[i] for i in indices])
+        except ValueError as exn:  # frame size changing inside the stream
+            raise VideoDecodeError(f"{self._error}; PyAV frames differ in size: {exn}") from exn
 
 
 def open_video(mp4_bytes: bytes) -> Video:

@@ -8,27 +8,24 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from scaling.config import RunConfig, data_sources, micro_batch, save_config, to_dict
+from scaling.config import RunConfig, data_sources, micro_batch
 from scaling.data.finetune import build_finetune_loader
 from scaling.evaluate import evaluate
 from scaling.models.classify import build_classifier
-from scaling.tracking import flatten, make_tracker
 from scaling.train import checkpoint
 from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.pretrain import log_step, step_seed, summed
-from scaling.train.schedule import resync_lr
+from scaling.train.run_start import init_ranks, resume_and_track
 
 
 def train_loader_for(cfg: RunConfig, rank: int, world: int):
@@ -61,9 +58,7 @@ def criterion_for(cfg: RunConfig):
 
 def run_finetune(cfg: RunConfig) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
     ds_config = build_ds_config(cfg, world)
@@ -83,22 +78,10 @@ def run_finetune(cfg: RunConfig) -> dict:
     groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
 
-    state = checkpoint.resume(engine, ckpt_dir) or {}
+    state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
+        "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)})
     start = state.get("step", 0)
-    if start:
-        resync_lr(scheduler)
-    tracker = make_tracker(rank, cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"),
-                           parent_run_id=cfg.tracking.parent_run_id, tags={"stage_kind": "finetune", "init_from": f.init_from})
     if rank == 0:
-        save_config(cfg, out / "config.yaml")
-        if tracker.run_id:
-            (out / "mlflow_run_id").write_text(tracker.run_id)  # for the pipeline's lineage tags
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        tracker.log_params({**flatten(to_dict(cfg)), "world_size": world, "steps_total": total,
-                            "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)})
-        tracker.log_artifact(str(out / "config.yaml"))
-        tracker.log_artifact(str(out / "ds_config.json"))
         print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
               f"{f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
 

@@ -9,21 +9,18 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from scaling.config import RunConfig, data_sources, micro_batch, save_config, to_dict
+from scaling.config import RunConfig, data_sources, micro_batch
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
-from scaling.tracking import flatten, make_tracker
 from scaling.train import checkpoint
 from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
-from scaling.train.schedule import resync_lr
+from scaling.train.run_start import init_ranks, resume_and_track
 
 
 def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
@@ -66,10 +63,7 @@ def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
 
 def run_pretrain(cfg: RunConfig) -> list[float]:
     """Train until `train.steps` (or `max_steps_this_run` more steps); returns this run's losses."""
-    # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
     ds_config = build_ds_config(cfg, world)
@@ -80,22 +74,11 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     engine, scheduler = initialize(model, cfg, ds_config)
 
-    state = checkpoint.resume(engine, ckpt_dir) or {}
+    state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
+        "world_size": world, "micro_batch": micro_batch(cfg, world), "peak_lr": peak_lr(cfg),
+        "clips_per_step": clips_per_step(cfg)})
     start = state.get("step", 0)
-    if start:
-        resync_lr(scheduler)  # the run may have been resumed with a longer schedule
-    tracker = make_tracker(rank, cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                           cfg.tracking.run_name, run_id=state.get("mlflow_run_id"),
-                           parent_run_id=cfg.tracking.parent_run_id, tags={"stage_kind": "pretrain"})
     if rank == 0:
-        save_config(cfg, out / "config.yaml")
-        if tracker.run_id:
-            (out / "mlflow_run_id").write_text(tracker.run_id)  # for the pipeline's lineage tags
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        tracker.log_params({**flatten(to_dict(cfg)), "world_size": world, "micro_batch": micro_batch(cfg, world),
-                            "peak_lr": peak_lr(cfg), "clips_per_step": clips_per_step(cfg)})
-        tracker.log_artifact(str(out / "config.yaml"))
-        tracker.log_artifact(str(out / "ds_config.json"))
         print(f"[scaling] {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, {world} ranks, "
               f"{clips_per_step(cfg)} clips/step, MLflow run {tracker.run_id}", flush=True)
 
