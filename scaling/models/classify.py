@@ -13,17 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaling.models.vit import (
-    Block,
-    PatchEmbed3D,
-    ViTSize,
-    drop_path_rates,
-    get_size,
-    layer_id_for,
-    num_tokens,
-    run_blocks,
-    sincos_position_table,
-)
+from scaling.models.vit import ViTSize, add_video_trunk, get_size, layer_id_for, run_blocks
 
 
 class VideoClassifier(nn.Module):
@@ -43,17 +33,10 @@ class VideoClassifier(nn.Module):
         super().__init__()
         self.size = size
         self.num_classes = num_classes
-        self.grid = num_tokens(size, num_frames, image_size)  # (T', H', W')
-        self.patch_embed = PatchEmbed3D(size.patch, size.tubelet, in_chans, size.width)
-        n = self.grid[0] * self.grid[1] * self.grid[2]
-        # Fixed, so a buffer: never trained, never saved (the public checkpoints hold none).
-        self.register_buffer("pos_embed", sincos_position_table(n, size.width), persistent=False)
-        rates = drop_path_rates(drop_path, size.depth)
-        self.blocks = nn.ModuleList(Block(size.width, size.heads, size.mlp_ratio, r) for r in rates)
+        add_video_trunk(self, size, num_frames, image_size, drop_path, in_chans)
         self.fc_norm = nn.LayerNorm(size.width, eps=1e-6)
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(size.width, num_classes)
-        self.grad_checkpointing = False
         self._init_scale = init_scale
         # Module.apply only: under deepspeed.zero.Init each call sees one module with its own
         # parameters gathered, so the init never reaches into a child's (partitioned) tensors.

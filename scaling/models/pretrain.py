@@ -12,13 +12,11 @@ from torch import nn
 
 from scaling.models.vit import (
     Block,
-    PatchEmbed3D,
     ViTSize,
-    drop_path_rates,
+    add_video_trunk,
     get_size,
     init_vit_weights,
     layer_id_for,
-    num_tokens,
     run_blocks,
     sincos_position_table,
 )
@@ -42,15 +40,8 @@ class VideoMAEEncoder(nn.Module):
     def __init__(self, size: ViTSize, num_frames: int, image_size: int, drop_path: float = 0.0, in_chans: int = 3):
         super().__init__()
         self.size = size
-        self.grid = num_tokens(size, num_frames, image_size)
-        self.patch_embed = PatchEmbed3D(size.patch, size.tubelet, in_chans, size.width)
-        n = self.grid[0] * self.grid[1] * self.grid[2]
-        # Fixed, so a buffer rather than a parameter; not saved, as in the public checkpoints.
-        self.register_buffer("pos_embed", sincos_position_table(n, size.width), persistent=False)
-        rates = drop_path_rates(drop_path, size.depth)
-        self.blocks = nn.ModuleList(Block(size.width, size.heads, size.mlp_ratio, r) for r in rates)
+        add_video_trunk(self, size, num_frames, image_size, drop_path, in_chans)
         self.norm = nn.LayerNorm(size.width, eps=1e-6)
-        self.grad_checkpointing = False
 
     def forward(self, video: torch.Tensor, visible_index: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(video)  # (B, N, D)

@@ -133,6 +133,19 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def add_video_trunk(module: nn.Module, size: ViTSize, num_frames: int, image_size: int, drop_path: float,
+                    in_chans: int = 3) -> None:
+    """Give `module` the shared ViT trunk under the public checkpoints' flat names:
+    `grid` (T', H', W'), `patch_embed`, the fixed `pos_embed` table and `blocks`."""
+    module.grid = num_tokens(size, num_frames, image_size)
+    module.patch_embed = PatchEmbed3D(size.patch, size.tubelet, in_chans, size.width)
+    n = module.grid[0] * module.grid[1] * module.grid[2]
+    # Fixed, so a buffer: never trained and never saved (the public checkpoints hold none).
+    module.register_buffer("pos_embed", sincos_position_table(n, size.width), persistent=False)
+    module.blocks = nn.ModuleList(Block(size.width, size.heads, size.mlp_ratio, r) for r in drop_path_rates(drop_path, size.depth))
+    module.grad_checkpointing = False
+
+
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Run blocks in order, each under activation checkpointing when asked and training."""
     for block in blocks:
