@@ -225,14 +225,15 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:LISTED]) + more
 
 
-def load_into(model: nn.Module, sd: Mapping, strict: bool = True, allow_missing: tuple[str, ...] = ()) -> list[str]:
-    """Load `sd` into `model`; returns the model's keys the checkpoint did not set.
+def check_fit(model: nn.Module, sd: Mapping, strict: bool = True, allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Raise CheckpointMismatchError unless `sd` fits `model`; returns the model keys `sd` lacks.
 
-    Raises CheckpointMismatchError on any shape mismatch, and with `strict` on missing keys
-    (other than `allow_missing`) and unexpected keys."""
+    Shape mismatches always fail; with `strict`, so do unexpected keys and missing keys that do
+    not start with one of `allow_missing`. Reads shapes through `ds_shape`, so it also works on a
+    ZeRO-3 partitioned model."""
     expected = {k: _shape(v) for k, v in model.state_dict(keep_vars=True).items()}
     missing = [k for k in expected if k not in sd]
-    bad_missing = [k for k in missing if k not in allow_missing] if strict else []
+    bad_missing = [k for k in missing if not k.startswith(allow_missing)] if strict else []
     unexpected = [k for k in sd if k not in expected] if strict else []
     shapes = [f"{k} {tuple(sd[k].shape)} vs {expected[k]}" for k in sd
               if k in expected and tuple(sd[k].shape) != expected[k]]
@@ -249,6 +250,13 @@ def load_into(model: nn.Module, sd: Mapping, strict: bool = True, allow_missing:
             f"(vit_b vs vit_g ...), number of classes and clip shape match the checkpoint's, and load pre-training "
             f"checkpoints with load_pretrained(), which drops the decoder and renames keys; strict=False loads a "
             f"partial state on purpose.")
+    return missing
+
+
+def load_into(model: nn.Module, sd: Mapping, strict: bool = True, allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Load `sd` into `model` after `check_fit`; returns the model's keys the checkpoint did not set."""
+    missing = check_fit(model, sd, strict, allow_missing)
+    expected = set(model.state_dict().keys())
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     return missing
 
