@@ -17,10 +17,16 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-# label = index in this tuple; every shape in a video is of the video's class, so the label
-# is learnable from appearance (handy for fine-tune smoke tests).
+# label = index in these tuples: every shape in a video has the class's form, hue and direction
+# of motion. Measured (debug model, 2 threads, plain AdamW 2e-3, 16 clips/step, 64 videos):
+# form + direction alone stayed near chance after 8 epochs (mean pooling hides where a shape
+# is and which way it moves from a 2-block, width-64 model); with a class hue on a grey
+# background held-out accuracy passed 55 % within 2 epochs. The hue is what makes the smoke
+# pipeline's "fine-tuned beats chance clearly" reachable in minutes; motion stays for the
+# masked-video pre-training to model.
 SHAPE_CLASSES = ("rectangle", "circle", "ring", "cross")
 CLASS_DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (dy, dx) per class: right, left, down, up
+CLASS_COLOURS = np.array([(230, 60, 60), (60, 200, 60), (70, 90, 240), (230, 220, 60)], np.float32)  # red green blue yellow
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -51,18 +57,19 @@ def render_video(rng: np.random.Generator, label: int, num_frames: int, height: 
     """Render one clip of 1-3 shapes of class `label`, all moving in the class's direction
     (right, left, down, up) and wrapping around the frame. Returns uint8 (T, H, W, 3).
 
-    Appearance and motion both tell the class, so a small model learns it within minutes
-    (the smoke pipeline's fine-tuned accuracy must beat chance clearly)."""
+    Form, hue and motion all tell the class (see CLASS_COLOURS for why the hue is there)."""
     kind = SHAPE_CLASSES[label]
-    # Background: smooth colour gradient + a smooth (low-frequency) texture that scrolls
-    # slowly, so the model has texture and global motion to reconstruct, not only flat colour.
-    # Per-pixel noise would be unpredictable and pin the normalized-pixel loss near 1.0.
-    base = rng.uniform(0, 160, size=3)
-    grad = np.linspace(0, 60, width, dtype=np.float32)[None, :, None] * rng.uniform(-1, 1, size=3)
+    # Background: grey (so that only the shapes carry hue) smooth gradient + a smooth
+    # (low-frequency) texture that scrolls slowly, so the model has texture and global motion
+    # to reconstruct, not only flat colour. Per-pixel noise would be unpredictable and pin the
+    # normalized-pixel loss near 1.0.
+    base = np.full(3, rng.uniform(20, 140))  # the same level in R, G and B
+    grad = np.linspace(0, 60, width, dtype=np.float32)[None, :, None] * rng.uniform(-1, 1)  # (1, W, 1)
     # The texture scrolls 2 px/frame in the class's direction too: a motion cue every token sees.
     bg_speed = 2
     margin = bg_speed * num_frames
-    noise = _smooth_texture(rng, height + 2 * margin, width + 2 * margin, cell=8, amplitude=30.0)
+    # (H', W', 1) grey; x1.7 keeps the contrast of the 3-channel texture it is the mean of.
+    noise = _smooth_texture(rng, height + 2 * margin, width + 2 * margin, cell=8, amplitude=30.0).mean(-1, keepdims=True) * 1.7
     dy, dx = CLASS_DIRECTIONS[label]
 
     n_shapes = int(rng.integers(1, 4))
@@ -71,7 +78,7 @@ def render_video(rng: np.random.Generator, label: int, num_frames: int, height: 
     pos = np.stack([rng.uniform(r, height - r), rng.uniform(r, width - r)], axis=1)  # (n, 2) y, x
     direction = np.array(CLASS_DIRECTIONS[label], dtype=np.float64)  # (dy, dx)
     vel = rng.uniform(0.03, 0.06, size=(n_shapes, 1)) * lo * direction  # (n, 2) pixels/frame
-    colours = rng.uniform(60, 255, size=(n_shapes, 3)).astype(np.float32)
+    colours = (CLASS_COLOURS[label] + rng.uniform(-40, 40, size=(n_shapes, 3))).clip(0, 255)  # class hue, jittered
 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     out = np.empty((num_frames, height, width, 3), dtype=np.uint8)
