@@ -206,9 +206,13 @@ def test_710_head_to_kinetics_keeps_the_right_rows(target):
     src = classifier(num_classes=710, init_scale=1.0, seed=5)
     model = classifier(num_classes=target, seed=6)
     assert load_pretrained(model, {"module": src.state_dict()}) == []
+    rows = index_map(target)
+    # The rows themselves are copied exactly; the logits only up to float rounding, since a
+    # 700-row and a 710-row matrix product may be blocked differently by the BLAS.
+    assert torch.equal(model.head.weight, src.head.weight[rows]) and torch.equal(model.head.bias, src.head.bias[rows])
     x = video()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), src(x)[:, index_map(target)], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), src(x)[:, rows], rtol=0, atol=1e-6)
     narrowed = adapt_head(src.state_dict(), 710, target)
     assert narrowed["head.weight"].shape == (target, 64)
 
