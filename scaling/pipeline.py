@@ -12,21 +12,28 @@
 Each stage trains in `<output_dir>/<stage>/`, exports consolidated fp32 weights to
 `<stage>/export/model_fp32.pt` and records `<stage>/DONE.json`; the next stage starts from
 that export (`init_from: previous`). A re-run skips stages whose DONE.json matches their
-config and resumes an interrupted stage from its last checkpoint. MLflow: one parent run per
+config and starting weights, and resumes an interrupted stage from its last checkpoint. A
+stage whose config or starting weights changed since it was started (a re-run upstream stage
+counts) is moved aside to `<stage>.replaced-<time>/` and starts afresh: resuming would mix
+two runs. MLflow: one parent run per
 pipeline, one nested run per stage.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from scaling.config import ConfigError, RunConfig, _build, apply_overrides, save_config, to_dict, validate
+from scaling.tracking import flatten
 
 EXPORT = Path("export") / "model_fp32.pt"
+STARTED, DONE = "STARTED.json", "DONE.json"  # the fingerprint a stage was launched / finished with
 PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages"}
 
 
@@ -98,15 +105,54 @@ def select(stages: list[Stage], start: str | None, until: str | None) -> list[St
     return stages[lo:hi]
 
 
-def fingerprint(cfg: RunConfig) -> dict:
-    """What decides a stage's weights: its config as JSON would store it, tracking left out."""
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "tracking"}))
+def fingerprint(cfg: RunConfig, weights_in: str) -> dict:
+    """What decides a stage's weights: its config (tracking left out: it names runs, not
+    weights) and the identity of the weights it starts from, as JSON would store them."""
+    config = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    return json.loads(json.dumps({"config": config, "weights_in": weights_in}))
 
 
-def finished(stage: Stage) -> bool:
-    """Done and exported with exactly this config (a changed config runs the stage again)."""
-    done = stage.dir / "DONE.json"
-    return stage.export.is_file() and done.is_file() and json.loads(done.read_text())["config"] == fingerprint(stage.config)
+def digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_in(stage: Stage, previous: Stage | None, from_previous: bool) -> str:
+    """The identity of the weights a supervised stage starts from: the previous stage's digest
+    (so a stage that ran again upstream makes every later stage run again), or a checkpoint
+    file's path, size and modification time."""
+    init = stage.config.finetune.init_from if stage.config.stage == "finetune" else ""
+    if from_previous:
+        return "stage:" + json.loads((previous.dir / DONE).read_text()).get("digest", "")
+    if init:
+        st = Path(init).stat()
+        return f"file:{Path(init).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return ""
+
+
+def recorded(path: Path) -> dict | None:
+    return json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
+
+
+def finished(stage: Stage, fp: dict) -> bool:
+    """Done and exported with exactly this config and these starting weights."""
+    return stage.export.is_file() and recorded(stage.dir / DONE) == fp
+
+
+def set_aside_if_changed(stage: Stage, fp: dict) -> None:
+    """A stage folder started under another config or from other weights is moved aside (never
+    deleted), so the stage starts afresh instead of resuming checkpoints of a different run."""
+    old = recorded(stage.dir / STARTED)
+    if old is None or old == fp:
+        return  # new, or interrupted with this very config: the stage resumes its checkpoints
+    new, before = flatten(fp), flatten(old)
+    changed = sorted(k.removeprefix("config.") for k in set(new) | set(before) if new.get(k) != before.get(k))
+    aside = stage.dir.with_name(f"{stage.dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    while aside.exists():  # changed twice within a second
+        aside = aside.with_name(aside.name + "+")
+    stage.dir.rename(aside)
+    what = ", ".join("the weights it starts from" if k == "weights_in" else k for k in changed[:6])
+    print(f"[pipeline] {stage.name}: changed since it was started ({what}); its old folder is now {aside}, "
+          "the stage starts afresh", flush=True)
 
 
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
@@ -123,16 +169,21 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
     summary = {}
     for stage in todo:
         cfg = stage.config
-        if cfg.finetune.init_from == "previous":
-            if previous is None or not previous.export.is_file():
+        from_previous = cfg.finetune.init_from == "previous"
+        if from_previous:
+            if previous is None or not (previous.dir / DONE).is_file() or not previous.export.is_file():
                 raise ConfigError(f"stage '{stage.name}' starts from stage '{previous.name if previous else '?'}', "
                                   f"whose weights {previous.export if previous else ''} do not exist; run that stage first")
             cfg.finetune.init_from = str(previous.export)
         cfg.tracking.parent_run_id = lineage.parent_id
-        if finished(stage):
+        fp = fingerprint(cfg, weights_in(stage, previous, from_previous))
+        if finished(stage, fp):
             print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
         else:
+            set_aside_if_changed(stage, fp)
             print(f"[pipeline] {stage.name}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
+            stage.dir.mkdir(parents=True, exist_ok=True)
+            (stage.dir / STARTED).write_text(json.dumps({"fingerprint": fp}))
             resolved = stage.dir / "config.launch.yaml"
             save_config(cfg, resolved)
             code = launch_local("train", resolved, pipe.ranks)
@@ -141,7 +192,7 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
                 raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); fix the cause and re-run the same "
                                    "command: finished stages are skipped and this one resumes from its last checkpoint")
             export_fp32(stage.dir / "checkpoints", stage.export, extra={"config": to_dict(cfg), "stage": stage.name})
-            (stage.dir / "DONE.json").write_text(json.dumps({"config": fingerprint(cfg), "weights": str(stage.export)}))
+            (stage.dir / DONE).write_text(json.dumps({"fingerprint": fp, "digest": digest(fp), "weights": str(stage.export)}))
         summary[stage.name] = lineage.record(stage, previous)
         previous = stage
     lineage.close("FINISHED")

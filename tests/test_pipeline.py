@@ -87,6 +87,17 @@ def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data,
     again = subprocess.run(cmd, env=env_for(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 3
 
+    # A changed stage starts afresh (its old folder kept aside, not resumed), and the stage after
+    # it runs again too: the weights it starts from changed, though their path did not.
+    changed = subprocess.run([*cmd, "stages.postpretrain.optim.min_lr=0.0002"], env=env_for(tmp_path), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "[pipeline] pretrain: finished earlier" in changed.stdout
+    assert "[pipeline] postpretrain: changed since it was started (optim.min_lr)" in changed.stdout
+    assert "[pipeline] finetune: changed since it was started (the weights it starts from)" in changed.stdout
+    assert "resuming at step" not in changed.stdout
+    assert sorted(p.name.split(".")[0] for p in out.glob("*.replaced-*")) == ["finetune", "postpretrain"]
+
 
 def test_bad_init_from_and_stage_names_are_refused(capsys, data, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
