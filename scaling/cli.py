@@ -29,9 +29,12 @@ def cmd_train(args, stage: str | None = None) -> int:
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
-        return launch.launch_local("train", resolved, cfg.train.ranks)
+        return launch.launch_local("train", resolved, cfg.train.ranks) or exit_code_of_run(cfg)
     from scaling.train.pretrain import local_env_for_single_process
 
+    # Ranks under an external launcher exit 0 when they stop early (a non-zero exit would read
+    # as a crash to torchrun); the batch script reads <output_dir>/STOPPED instead.
+    ranks_of_a_launcher = launch.under_launcher()
     local_env_for_single_process()
     if cfg.stage == "pretrain":
         from scaling.train.pretrain import run_pretrain
@@ -41,13 +44,25 @@ def cmd_train(args, stage: str | None = None) -> int:
         from scaling.train.finetune import run_finetune
 
         run_finetune(cfg)
-    return 0
+    return 0 if ranks_of_a_launcher else exit_code_of_run(cfg)
+
+
+def exit_code_of_run(cfg) -> int:
+    """0, or EXIT_STOPPED when the run saved a checkpoint and stopped early (run it again to resume)."""
+    from scaling.train.signals import EXIT_STOPPED, stopped_early
+
+    return EXIT_STOPPED if stopped_early(cfg.train.output_dir) else 0
 
 
 def cmd_pipeline(args) -> int:
-    from scaling.pipeline import run_pipeline
+    from scaling.pipeline import StageStoppedEarly, run_pipeline
+    from scaling.train.signals import EXIT_STOPPED
 
-    summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
+    try:
+        summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
+    except StageStoppedEarly as e:
+        print(f"[pipeline] {e}", flush=True)
+        return EXIT_STOPPED
     for name, info in summary.items():
         print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0

@@ -37,6 +37,10 @@ STARTED, DONE = "STARTED.json", "DONE.json"  # the fingerprint a stage was launc
 PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages"}
 
 
+class StageStoppedEarly(RuntimeError):
+    """A stage saved a checkpoint and stopped before its end (preemption notice, wall-time guard)."""
+
+
 @dataclass
 class Stage:
     name: str
@@ -158,6 +162,7 @@ def set_aside_if_changed(stage: Stage, fp: dict) -> None:
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
     from scaling.launch import launch_local
     from scaling.train.checkpoint import export_fp32
+    from scaling.train.signals import stopped_early
 
     pipe = load_pipeline(path, overrides)
     todo = select(pipe.stages, start, until)
@@ -191,6 +196,11 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
                 lineage.close("FAILED")
                 raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); fix the cause and re-run the same "
                                    "command: finished stages are skipped and this one resumes from its last checkpoint")
+            early = stopped_early(stage.dir)
+            if early:
+                lineage.close("KILLED")
+                raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
+                                        "with its checkpoint saved; re-run the same command to resume it")
             export_fp32(stage.dir / "checkpoints", stage.export, extra={"config": to_dict(cfg), "stage": stage.name})
             (stage.dir / DONE).write_text(json.dumps({"fingerprint": fp, "digest": digest(fp), "weights": str(stage.export)}))
         summary[stage.name] = lineage.record(stage, previous)

@@ -154,3 +154,47 @@ def test_export_loads_strictly_into_a_plain_model(full_run):
     model.load_state_dict(saved["model"], strict=True)
     assert all(v.dtype == torch.float32 for v in saved["model"].values())
     assert saved["tag"] == "step00000008"
+
+
+def rank_process(launcher_pid: int, rank: int):
+    """The process of one rank: a child of torch's launcher with RANK=<rank> (not a loader worker)."""
+    import psutil
+
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        if "torch.distributed.run" in " ".join(p.parent().cmdline()) and p.environ().get("RANK") == str(rank):
+            return p
+    raise AssertionError(f"no process of rank {rank} under {launcher_pid}")
+
+
+def start_and_stop_at(out: Path, tmp: Path, after_step: int, request, overrides) -> dict:
+    """Start a run, request a stop once it logged `after_step`; returns <out>/STOPPED."""
+    proc = subprocess.Popen(pretrain_cmd(out, *overrides), env=env_for(tmp), cwd=tmp, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= after_step:
+            request(proc.pid)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=300) == 75, "a run stopped early exits with EX_TEMPFAIL (75)"
+    return json.loads((out / "STOPPED").read_text())
+
+
+def test_preemption_notice_stops_all_ranks_at_one_step_and_resume_continues_exactly(shards, full_run, tmp_path):
+    """Slurm's warning signal, as the batch script passes it on (STOP file) or sent to ONE rank
+    (SIGUSR1): every rank saves the same step, and resuming twice reproduces the uninterrupted run."""
+    _, reference = full_run
+    out = tmp_path / "preempted"
+    run_args = ("data.shards=''", mix(shards), *SHARD_RUN, "train.save_every=100")  # only the stops save mid-run
+    first = start_and_stop_at(out, tmp_path, 2, lambda pid: rank_process(pid, 1).send_signal(signal.SIGUSR1), run_args)
+    assert first["reason"] == "another rank's request"  # rank 0 only learnt it through the all-reduce
+    assert 2 <= first["step"] < 8 and (out / "checkpoints" / "latest").read_text().strip() == f"step{first['step']:08d}"
+    second = start_and_stop_at(out, tmp_path, first["step"] + 1, lambda pid: (out / "STOP").touch(), run_args)
+    assert second == {"step": second["step"], "reason": "stop file"} and first["step"] < second["step"] < 8
+    resumed = run(out, *run_args, tmp=tmp_path)
+    assert not (out / "STOPPED").exists() and not (out / "STOP").exists()
+    assert losses(resumed) == losses(reference), "stopping and resuming changed nothing"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (only,) = mlflow.search_runs(experiment_names=["pretrain_smoke"], output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(only.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9)), "one MLflow run, no gap, no step logged twice"

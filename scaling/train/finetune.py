@@ -26,6 +26,7 @@ from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.pretrain import log_step, step_seed, summed
 from scaling.train.run_start import init_ranks, resume_and_track
+from scaling.train.signals import StopRequest
 
 
 def train_loader_for(cfg: RunConfig, rank: int, world: int):
@@ -89,6 +90,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     batches = batches_from(loader, start, steps_per_epoch, t.grad_accum)
     dtype = input_dtype(t.precision)
     end = min(total, start + t.max_steps_this_run) if t.max_steps_this_run else total
+    stop = StopRequest(out, rank)
     for step in range(start, end):
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
@@ -117,9 +119,14 @@ def run_finetune(cfg: RunConfig) -> dict:
                 "loss": step_loss, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
-        if (step + 1) % t.save_every == 0 or step + 1 == end:
+        stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
+        if (step + 1) % t.save_every == 0 or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,
                                                          "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints)
+        if stopping and step + 1 < end:
+            stop.record(step + 1)
+            end = step + 1
+            break
 
     results = {}
     if end == total and f.val_shards:
@@ -132,6 +139,6 @@ def run_finetune(cfg: RunConfig) -> dict:
             print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
                   f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
     if rank == 0:
-        tracker.close()
+        tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
     dist.barrier()
     return results

@@ -22,6 +22,7 @@ from scaling.models.pretrain import build_pretrain_model
 from scaling.train import checkpoint
 from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
 from scaling.train.run_start import init_ranks, resume_and_track
+from scaling.train.signals import StopRequest
 
 
 def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
@@ -91,6 +92,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, data_stats = make_batches(cfg, rank, world, start)
     dtype = input_dtype(cfg.train.precision)
+    stop = StopRequest(out, rank)
     losses = []
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -119,13 +121,17 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
             log_step(tracker, out, step + 1, cfg.train.steps, metrics)
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == end:
+        stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
                                                          "epoch": epoch_of(cfg, step + 1),
                                                          "micro_batches_consumed": (step + 1) * cfg.train.grad_accum,
                                                          "seed": cfg.train.seed}, cfg.train.keep_checkpoints)
+        if stopping and step + 1 < end:
+            stop.record(step + 1)
+            break
     if rank == 0:
-        tracker.close()
+        tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
     dist.barrier()
     return losses
 
