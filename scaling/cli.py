@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, save_config
 from scaling.models.convert import CheckpointMismatchError
 
 
@@ -68,6 +68,16 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_pipeline_config(args) -> int:
+    """Write one stage's resolved run config (for launchers such as slurm/launch.sh)."""
+    from scaling.pipeline import load_pipeline, stage_config
+
+    cfg = stage_config(load_pipeline(args.pipeline, args.overrides, only=args.stage), args.stage)
+    save_config(cfg, args.out)
+    print(f"wrote stage '{args.stage}' of {args.pipeline} to {args.out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     import yaml
 
@@ -107,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
     s.add_argument("--until", default=None, help="last stage to run")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("stage-config", help="write one stage of a pipeline YAML as a resolved run config")
+    s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/vitg_k400.yaml")
+    s.add_argument("stage", help="stage name, e.g. pretrain")
+    s.add_argument("--out", required=True, help="where to write the run config YAML")
+    s.add_argument("overrides", nargs="*", help="pipeline overrides such as stages.pretrain.train.steps=10")
+    s.set_defaults(func=cmd_pipeline_config)
 
     s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
     s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")

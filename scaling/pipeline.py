@@ -70,7 +70,8 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def load_pipeline(path: str, overrides: list[str] = ()) -> Pipeline:
+def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None) -> Pipeline:
+    """Every stage is typed; every stage (or `only` that one) is validated against files and ranks."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline file '{path}' does not exist; pass one of pipelines/*.yaml")
@@ -90,13 +91,26 @@ def load_pipeline(path: str, overrides: list[str] = ()) -> Pipeline:
                             "tracking": merge(raw.get("tracking", {}), {"run_name": stage_name})})
         try:
             cfg = _build(RunConfig, data)
-            validate(cfg, ranks)
+            if only in (None, stage_name):
+                validate(cfg, ranks)
         except ConfigError as e:
             raise ConfigError(f"stage '{stage_name}': {e}") from None
         if not stages and cfg.finetune.init_from == "previous":
             raise ConfigError(f"stage '{stage_name}' is the first stage, so init_from: previous has nothing to start from")
         stages.append(Stage(stage_name, cfg))
     return Pipeline(name, out, ranks, stages)
+
+
+def stage_config(pipe: Pipeline, name: str) -> RunConfig:
+    """One stage's run config with `init_from: previous` resolved to the previous stage's export."""
+    names = [s.name for s in pipe.stages]
+    if name not in names:
+        raise ConfigError(f"no stage '{name}' in pipeline '{pipe.name}'; stages are {', '.join(names)}")
+    i = names.index(name)
+    cfg = copy.deepcopy(pipe.stages[i].config)
+    if cfg.finetune.init_from == "previous":
+        cfg.finetune.init_from = str(pipe.stages[i - 1].export)
+    return cfg
 
 
 def select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:
