@@ -21,11 +21,11 @@ from scaling.data.finetune import build_finetune_loader
 from scaling.evaluate import evaluate
 from scaling.models.classify import build_classifier
 from scaling.train import checkpoint
-from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.pretrain import log_step, step_seed, summed
-from scaling.train.run_start import init_ranks, resume_and_track
+from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest
 
 
@@ -62,7 +62,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
-    ds_config = build_ds_config(cfg, world)
+    ds_config = ds_config_for(cfg, rank, world)
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)

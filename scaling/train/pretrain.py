@@ -20,8 +20,8 @@ from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
 from scaling.train import checkpoint
-from scaling.train.engine import build_ds_config, build_model, clips_per_step, initialize, input_dtype, peak_lr
-from scaling.train.run_start import init_ranks, resume_and_track
+from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest
 
 
@@ -70,7 +70,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
-    ds_config = build_ds_config(cfg, world)
+    ds_config = ds_config_for(cfg, rank, world)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from scaling.config import RunConfig, save_config, to_dict
 from scaling.tracking import flatten, make_tracker
 from scaling.train import checkpoint
+from scaling.train.engine import build_ds_config
 from scaling.train.schedule import resync_lr
 
 
@@ -19,6 +20,15 @@ def init_ranks() -> tuple[int, int]:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
     deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()
+
+
+def ds_config_for(cfg: RunConfig, rank: int, world: int) -> dict:
+    """The DeepSpeed config of this run; it loads a universal checkpoint when the latest
+    checkpoint was written by another number of ranks (a job requeued onto other nodes)."""
+    ds_config = build_ds_config(cfg, world)
+    if checkpoint.prepare_universal(Path(cfg.train.output_dir) / "checkpoints", world, rank):
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return ds_config
 
 
 def resume_and_track(engine, scheduler, cfg: RunConfig, rank: int, ds_config: dict, params: dict):
