@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
     s.set_defaults(func=cmd_export)
     from scaling.cli_labels import add_labels_parser
+    from scaling.cli_memory import add_memory_parser
     from scaling.cli_shard import add_shard_parser
 
     add_labels_parser(sub)
+    add_memory_parser(sub)
     add_shard_parser(sub)
     return p
 

@@ -1,0 +1,75 @@
+"""`scaling memory ...`: compute and memory accounting. One function per subcommand."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_memory_compare(args) -> int:
+    from scaling.memory.compare import CompareSpec, run_compare
+    from scaling.memory.report import chart, log_mlflow, table, write_json
+
+    spec = CompareSpec(
+        model=args.model, frames=args.frames, input_size=args.input_size, batch=args.batch,
+        encoder_mask=args.encoder_mask, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
+        with_unmasked=args.with_unmasked, num_classes=args.num_classes, time=not args.no_time,
+        repeats=args.repeats, warmup=args.warmup, time_checkpointing=args.time_checkpointing,
+        time_max_params=args.time_max_params * 1e6, seed=args.seed,
+    )
+    try:
+        result = run_compare(spec, device=args.device)
+    except ValueError as e:  # a bad size, ratio or shape: one sentence, no traceback
+        print(f"scaling memory compare: error: {e}", file=sys.stderr)
+        return 2
+    print(table(result))
+    stem = Path(args.out_dir) / f"memory_compare_{args.model}"
+    files = [write_json(result, stem.with_suffix(".json")), chart(result, stem.with_suffix(".png"))]
+    print("wrote " + " and ".join(str(f) for f in files))
+    if not args.no_mlflow:
+        run_id = log_mlflow(result, files, args.tracking_uri, args.experiment)
+        print(f"logged MLflow run {run_id} (experiment '{args.experiment}')")
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    s = sub.add_parser(
+        "compare",
+        help="dual vs encoder-only masking (and optionally none): params, FLOPs, saved bytes, step time",
+        description="Count parameters, forward/backward FLOPs (FlopCounterMode, split encoder/decoder) and the bytes "
+        "autograd saves for backward (with and without activation checkpointing) for each masking variant, on meta "
+        "tensors so that any size can be counted; time real steps where the model is small enough for the device. "
+        "Writes a table, <out-dir>/memory_compare_<model>.json and .png, and an MLflow run.",
+    )
+    s.add_argument("--model", default="vit_b", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--input-size", type=int, default=224, help="frame height and width in pixels")
+    s.add_argument("--batch", type=int, default=1, help="clips per step")
+    s.add_argument("--encoder-mask", default="tube", help="tube or random")
+    s.add_argument("--encoder-ratio", type=float, default=0.9, help="share of tokens hidden from the encoder")
+    s.add_argument("--decoder-ratio", type=float, default=0.5, help="running-cell share the decoder does not reconstruct (dual only)")
+    s.add_argument("--with-unmasked", action="store_true",
+                   help="also the unmasked case: the fine-tune model (encoder on every token + linear head, cross-entropy), "
+                   "since the pre-training model at ratio 0 would have nothing to reconstruct")
+    s.add_argument("--num-classes", type=int, default=710, help="head size of the unmasked (fine-tune) variant")
+    s.add_argument("--no-time", action="store_true", help="count only; do not time real steps")
+    s.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    s.add_argument("--time-checkpointing", action="store_true", help="also time steps with activation checkpointing")
+    s.add_argument("--time-max-params", type=float, default=400, metavar="MILLIONS",
+                   help="on the CPU, do not time models with more parameters than this (0: no limit); "
+                   "a CPU ViT-g step needs ~10 GB and minutes")
+    s.add_argument("--device", default=None, help="device for timing (default: cuda when present, else cpu)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the masks and weights")
+    s.add_argument("--out-dir", default="runs/memory", help="folder for the JSON and PNG")
+    s.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    s.add_argument("--experiment", default="memory", help="MLflow experiment name")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    s.set_defaults(func=cmd_memory_compare)
+
+
+def add_memory_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("memory", help="compute and memory accounting: what dual masking saves")
+    sub = p.add_subparsers(dest="memory_command", required=True)
+    add_compare_parser(sub)
+    return p
