@@ -6,7 +6,8 @@ every sample in a batch keeps the same number of True entries, so gathers stay r
 Conventions:
 - encoder masks: True = hidden from the encoder (VideoMAE's `bool_masked_pos`);
 - decoder masks: True = reconstructed by the decoder (the complement of VideoMAE V2's
-  running-cell "masked from the decoder" map).
+  running-cell "masked from the decoder" map);
+- fine-tune (MAR) masks: True = dropped, the encoder and classifier never see the token.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 ENCODER_MASKS = ("tube", "random")
 DECODER_MASKS = ("running_cell", "none")
+FINETUNE_MASKS = ("none", "running_cell")
 
 
 def _choose(batch: int, population: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,6 +67,26 @@ def running_cell_mask(batch: int, grid: tuple[int, int, int], ratio: float, gene
     return ~maps[pick]
 
 
+def mar_drop_mask(batch: int, grid: tuple[int, int, int], ratio: float = 0.5, train: bool = True,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """MAR fine-tune masking: (B, N) bool, True = dropped before the encoder.
+
+    The per-slot maps are the running cell's (2x2 cells, `int(4 * ratio)` dropped, the cell
+    shifted by one position per temporal slot), so every slot keeps the same number of tokens
+    in every cell and four consecutive slots see every position. In training each video gets
+    a random start offset and a random temporal order of its slot maps (MAR's augmentation);
+    at test time (`train=False`) every video gets the one fixed pattern: start 0, slots in order.
+    """
+    t, h, w = grid
+    slots = running_cell_maps(grid, ratio)[:, : h * w]  # (4, H'W'): slot 0 of start s is cell offset s + 1
+    offset = torch.arange(t)  # slot t of start s reads cell offset s + t + 1: map (s + t) % 4
+    if not train:
+        return slots[offset % 4].flatten().expand(batch, -1).clone()
+    start = torch.randint(0, 4, (batch, 1), generator=generator)  # (B, 1)
+    order = torch.rand(batch, t, generator=generator).argsort(dim=1)  # (B, T'): a permutation per video
+    return slots[(start + order) % 4].reshape(batch, t * h * w)  # (B, T', H'W') -> (B, N)
+
+
 def make_masks(
     batch: int,
     grid: tuple[int, int, int],
@@ -92,3 +114,14 @@ def make_masks(
     else:
         raise ValueError(f"unknown decoder mask '{decoder}': choose one of {DECODER_MASKS}")
     return enc, dec
+
+
+def finetune_drop_mask(kind: str, batch: int, grid: tuple[int, int, int], ratio: float, train: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The fine-tune encoder mask of `mask.finetune` (True = dropped), or None for `none`
+    (every token seen, plain VideoMAE V2 fine-tuning)."""
+    if kind == "none":
+        return None
+    if kind == "running_cell":
+        return mar_drop_mask(batch, grid, ratio, train, generator)
+    raise ValueError(f"unknown fine-tune mask '{kind}': choose one of {FINETUNE_MASKS}")

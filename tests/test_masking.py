@@ -102,3 +102,19 @@ def test_loss_counts_only_decoded_tokens_the_encoder_did_not_see():
     assert masked_reconstruction_loss(pred, target, enc, dec).item() == 0.0
     pred[~visible_decoded] += 1.0
     assert masked_reconstruction_loss(pred, target, enc, dec).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("decoder", ["none", "running_cell"])
+def test_random_encoder_mask_runs_through_the_pretraining_model(decoder):
+    """MAE-ST masking (`mask.encoder: random`) is a pre-training choice like tube masking."""
+    from scaling.config import load_config
+    from scaling.models.pretrain import build_pretrain_model
+
+    cfg = load_config(None, ["mask.encoder=random", f"mask.decoder={decoder}"])
+    assert cfg.mask.encoder == "random"
+    torch.manual_seed(0)
+    model = build_pretrain_model("debug", 16, 64)  # grid (8, 4, 4): 128 tokens
+    enc, dec = make_masks(2, model.grid, "random", 0.9, decoder, 0.5, gen())
+    pred = model(torch.randn(2, 3, 16, 64, 64), enc, dec)
+    assert pred.shape == (2, 115 if decoder == "none" else 64, 2 * 16 * 16 * 3)
+    assert not (enc.view(2, 8, 16) == enc.view(2, 8, 16)[:, :1]).all(), "not a tube"
