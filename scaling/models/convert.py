@@ -21,6 +21,12 @@ following the public VideoMAE V2 fine-tuning code unless said otherwise:
   shape differs from pre-training (it interpolates the pre-training table).
 - A 710-way head going to a 400/600/700-class model keeps its K400/K600/K700 rows
   (`adapt_head`); a head of any other mismatched size is dropped and starts fresh, as public.
+- A linear head going to a bridging classifier, or back, is dropped and starts fresh (its
+  `fc_norm`/`head` have another width, and the bridging blocks are new).
+- MAR's reconstruction branch (`reconstruction.*`) is kept only for a model that has one:
+  from a pre-training checkpoint it takes `encoder.norm`, `encoder_to_decoder`, `mask_token`
+  and `decoder.*`; from a fine-tune export that had the branch, its `reconstruction.*` keys.
+  A model without the branch (inference) drops them.
 
 Under ZeRO-3 the parameters are partitioned: call `load_into`/`load_pretrained` inside
 `deepspeed.zero.GatheredParameters(model.parameters(), modifier_rank=0)` (this module stays
@@ -41,7 +47,14 @@ from scaling.models.vit import ViTSize, num_tokens, sincos_position_table
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "backbone.")  # torch.compile, DDP/DeepSpeed, mmaction
 PRETRAIN_ONLY = ("decoder.", "encoder_to_decoder.", "mask_token", "decoder_pos_embed")
-HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")  # never in pre-training
+HEAD_PREFIXES = ("fc_norm.", "head.", "bridge.")  # the classifier's head, linear or bridging; never in pre-training
+RECONSTRUCTION = "reconstruction."
+# What a classifier may start from its init: the head (new label space or head type, or
+# from pre-training) and the reconstruction branch (a checkpoint without a decoder).
+FRESH_PREFIXES = (*HEAD_PREFIXES, RECONSTRUCTION)
+# Pre-training keys -> the classifier's reconstruction branch (after wrapper prefixes go).
+DECODER_RENAMES = {"encoder.norm.": "norm.", "encoder_to_decoder.": "encoder_to_decoder.",
+                   "mask_token": "mask_token", "decoder.": "decoder."}
 LISTED = 10  # keys named per kind in a mismatch message
 
 
@@ -188,11 +201,38 @@ def _split_qkv_bias(sd: dict) -> dict:
     return out
 
 
+def reconstruction_weights(ckpt: Mapping) -> dict[str, torch.Tensor]:
+    """The `reconstruction.*` state of a classifier from a checkpoint: a pre-training model's
+    final encoder norm and decoder (renamed), or a fine-tune export's own branch; {} if none."""
+    sd = clean_state_dict(ckpt)
+    own = {k: v for k, v in sd.items() if k.startswith(RECONSTRUCTION)}
+    if own:
+        return own
+    out = {}
+    for k, v in sd.items():
+        for old, new in DECODER_RENAMES.items():
+            if k.startswith(old):
+                out[RECONSTRUCTION + new + k[len(old):]] = v
+    return out if any(".decoder." in k for k in out) else {}  # an encoder norm alone is no branch
+
+
+def _head_fits(sd: dict, model) -> bool:
+    """Same head type and width as `model` (the class count is handled separately)."""
+    expected = {k: _shape(v) for k, v in model.state_dict(keep_vars=True).items() if k.startswith(HEAD_PREFIXES)}
+    given = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
+    if set(given) != set(expected):
+        return False
+    return all(given[k][-1] == expected[k][-1] for k in given if k != "head.bias")
+
+
 def encoder_weights_for_classifier(ckpt: Mapping, model, learned_pos: str = "error",
                                    source_grid: tuple[int, int, int] | None = None) -> dict:
     """A state dict for `model` (a VideoClassifier) from a pre-training, post-pre-training or
     fine-tune checkpoint, raw or cleaned. See the module docstring for each rule."""
     sd = clean_state_dict(ckpt, for_classifier=True)
+    sd = {k: v for k, v in sd.items() if not k.startswith(RECONSTRUCTION)}
+    if getattr(model, "reconstruction", None) is not None:
+        sd.update(reconstruction_weights(ckpt))
     sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}  # fc_norm starts fresh
     sd = _split_qkv_bias(sd)
     pos = sd.pop("pos_embed", None)
@@ -203,6 +243,8 @@ def encoder_weights_for_classifier(ckpt: Mapping, model, learned_pos: str = "err
                 f"the checkpoint holds learned positions (pos_embed {tuple(pos.shape)}, grid {grid}) but this model "
                 f"uses the fixed sine-cosine table; pass learned_pos='drop' to fine-tune without them, or convert the "
                 f"table with interpolate_positions(pos, {grid}, {model.grid}) for a model that learns positions")
+    if any(k.startswith(HEAD_PREFIXES) for k in sd) and not _head_fits(sd, model):
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}  # another head type: fresh
     w = sd.get("head.weight")
     if w is not None and w.shape[0] != model.num_classes:
         if w.shape[0] == NUM_K710 and model.num_classes in (400, 600, 700):
@@ -263,7 +305,8 @@ def load_into(model: nn.Module, sd: Mapping, strict: bool = True, allow_missing:
 
 def load_pretrained(model: nn.Module, ckpt: Mapping, learned_pos: str = "error") -> list[str]:
     """Stage hand-off into a VideoClassifier: pre-training (encoder), K710 post-pre-training or
-    fine-tune checkpoints. Only `fc_norm`/`head` may be absent (a pre-training checkpoint has
-    neither, a new label space drops the head); returns the keys left at their init."""
+    fine-tune checkpoints. Only the head (`fc_norm`, `head`, `bridge`) and the reconstruction
+    branch may be absent (a pre-training checkpoint has no head, a new label space or head
+    type drops it, a classifier export has no decoder); returns the keys left at their init."""
     sd = encoder_weights_for_classifier(ckpt, model, learned_pos=learned_pos)
-    return load_into(model, sd, strict=True, allow_missing=HEAD_KEYS)
+    return load_into(model, sd, strict=True, allow_missing=FRESH_PREFIXES)

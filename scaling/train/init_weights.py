@@ -10,25 +10,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaling.models.convert import check_fit, encoder_weights_for_classifier, load_checkpoint_file
+from scaling.models.convert import FRESH_PREFIXES, check_fit, encoder_weights_for_classifier, load_checkpoint_file
 
-# Parts a classifier may start fresh: the head of a new label space, and fc_norm when coming
-# from a pre-training checkpoint (whose final `norm` is not carried over).
-FRESH = ("head.", "fc_norm.")
+# Parts a classifier may start fresh: the head (linear or bridging) of a new label space or
+# head type, fc_norm when coming from a pre-training checkpoint (whose final `norm` is not
+# carried over), and MAR's reconstruction branch when the checkpoint holds no decoder.
+FRESH = FRESH_PREFIXES
 
 
-def load_initial_weights(model: nn.Module, path: str) -> None:
+def load_initial_weights(model: nn.Module, path: str) -> list[str]:
     """Encoder weights of any of our exports or a public checkpoint; a 710-way head becomes the
-    model's 400/600/700-way head through the K710 index maps (`convert.adapt_head`)."""
-    load_gathered(model, encoder_weights_for_classifier(load_checkpoint_file(path), model))
+    model's 400/600/700-way head through the K710 index maps (`convert.adapt_head`). Returns
+    the model's keys the checkpoint did not set (left at their init)."""
+    return load_gathered(model, encoder_weights_for_classifier(load_checkpoint_file(path), model))
 
 
-def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = FRESH) -> None:
-    """Copy a full state dict into a model whose parameters may be ZeRO-3 partitions.
+def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = FRESH) -> list[str]:
+    """Copy a full state dict into a model whose parameters may be ZeRO-3 partitions; returns
+    the keys `state` lacks.
 
     Module by module, so at most one module's full weights exist at a time: each parameter
     group is gathered, rank 0 writes it, and DeepSpeed re-partitions rank 0's values."""
-    check_fit(model, state, strict=True, allow_missing=allow_missing)  # clear error before any copy
+    missing = check_fit(model, state, strict=True, allow_missing=allow_missing)  # clear error before any copy
     writer = not dist.is_initialized() or dist.get_rank() == 0
     for module_name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
@@ -41,3 +44,4 @@ def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missin
                     for name, p in params.items():
                         if prefix + name in state:
                             p.data.copy_(state[prefix + name].to(p.dtype))
+    return missing
