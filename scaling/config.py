@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from scaling.data.sources import Source, as_sources, expand_shards
-from scaling.masking import DECODER_MASKS, ENCODER_MASKS
+from scaling.masking import DECODER_MASKS, ENCODER_MASKS, FINETUNE_MASKS
+from scaling.models.classify import HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ class ModelConfig:
     input_size: int = 224
     drop_path: float = 0.0
     activation_checkpointing: bool = False
+    head: str = "linear"  # finetune: linear (VideoMAE V2) | bridging (MAR: 2 blocks of width 512 on the kept tokens)
 
 
 @dataclass
@@ -42,6 +44,10 @@ class MaskConfig:
     encoder_ratio: float = 0.9
     decoder: str = "running_cell"  # running_cell (VideoMAE V2 dual masking) | none (encoder-only)
     decoder_ratio: float = 0.5
+    # finetune: none (every token) | running_cell (MAR: drop finetune_ratio of the tokens before
+    # the encoder, random offset and slot order per video in training, one fixed pattern in test)
+    finetune: str = "none"
+    finetune_ratio: float = 0.5
 
 
 @dataclass
@@ -105,7 +111,10 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.8  # 0 disables mixup
     cutmix: float = 1.0  # 0 disables cutmix
-    head_drop: float = 0.0
+    head_drop: float = 0.0  # dropout before the last Linear; MAR's bridging classifier uses 0.1
+    # MAR: weight of the decoder's reconstruction of the dropped tokens (0.01 K400, 0.1 SSv2);
+    # 0 = no decoder. Needs mask.finetune=running_cell; never run at evaluation.
+    reconstruction_weight: float = 0.0
     rand_aug: str = "rand-m7-n4-mstd0.5-inc1"
     reprob: float = 0.25  # random erasing probability
     val_shards: str = ""  # evaluated with test_clips x test_crops views after training
@@ -237,6 +246,7 @@ def validate_finetune(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"finetune.init_from '{f.init_from}' is not a file; give an exported .pt/.pth checkpoint, 'previous' in a pipeline, or ''")
     if not 0 < f.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+    validate_mar(cfg)
     clips = micro_batch(cfg, world_size) * cfg.data.num_sample
     if (f.mixup > 0 or f.cutmix > 0) and clips % 2:
         raise ConfigError(f"mixup/cutmix pair clips within a rank's batch, which holds {clips} (odd); make "
@@ -248,6 +258,29 @@ def validate_finetune(cfg: RunConfig, world_size: int) -> None:
             raise ConfigError(f"finetune.val_shards matches no files ({e}); check the path") from None
     if t.epochs < 0 or cfg.optim.warmup_epochs < 0 or (t.epochs and cfg.optim.warmup_epochs >= t.epochs):
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be below train.epochs={t.epochs}")
+
+
+def validate_mar(cfg: RunConfig) -> None:
+    """The fine-tune head, the fine-tune encoder mask and the reconstruction branch (MAR)."""
+    m, k, f = cfg.model, cfg.mask, cfg.finetune
+    if m.head not in HEADS:
+        raise ConfigError(f"model.head '{m.head}' is unknown; choose one of {', '.join(HEADS)}")
+    if k.finetune not in FINETUNE_MASKS:
+        raise ConfigError(f"mask.finetune '{k.finetune}' is unknown; choose one of {', '.join(FINETUNE_MASKS)}")
+    if k.finetune == "running_cell":
+        grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
+        if grid[1] % 2 or grid[2] % 2:
+            raise ConfigError(f"mask.finetune=running_cell needs an even number of patches per side, but input_size "
+                              f"{m.input_size} gives {grid[1]}; pick another model.input_size")
+        if k.finetune_ratio not in (0.25, 0.5, 0.75):
+            raise ConfigError(f"mask.finetune_ratio {k.finetune_ratio} gives no running-cell pattern; use 0.25, 0.5 or 0.75")
+    if not 0 <= f.head_drop < 1:
+        raise ConfigError(f"finetune.head_drop must be in [0, 1), got {f.head_drop}")
+    if f.reconstruction_weight < 0:
+        raise ConfigError(f"finetune.reconstruction_weight must be 0 (no decoder) or positive, got {f.reconstruction_weight}")
+    if f.reconstruction_weight > 0 and k.finetune == "none":
+        raise ConfigError("finetune.reconstruction_weight > 0 rebuilds the tokens the fine-tune mask drops, and "
+                          "mask.finetune is none; set mask.finetune=running_cell or finetune.reconstruction_weight=0")
 
 
 def data_sources(cfg: RunConfig) -> list[Source]:

@@ -2,6 +2,10 @@
 
 The finite eval loader gives every video to exactly one rank (padding rows are marked
 invalid), so gathering per-video results across ranks counts each video once.
+
+With MAR fine-tune masking (`mask.finetune`) every view drops the same tokens, MAR's fixed
+test pattern, so the encoder sees only the kept half at test time as in training; the
+reconstruction branch is never run here.
 """
 from __future__ import annotations
 
@@ -12,17 +16,23 @@ import torch.distributed as dist
 
 from scaling.config import RunConfig, micro_batch
 from scaling.data.finetune import build_finetune_loader
+from scaling.masking import finetune_drop_mask
 from scaling.train.engine import input_dtype
 
 
 @torch.no_grad()
-def video_probabilities(model, loader, dtype) -> dict[int, tuple[torch.Tensor, int]]:
-    """{video index: (softmax averaged over its views (classes,), label)} for this rank's videos."""
+def video_probabilities(model, loader, dtype, mask: str = "none", mask_ratio: float = 0.5) -> dict[int, tuple[torch.Tensor, int]]:
+    """{video index: (softmax averaged over its views (classes,), label)} for this rank's videos.
+
+    `mask`/`mask_ratio`: the fine-tune drop mask (`mask.finetune`), fixed at test time."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = defaultdict(int)
     labels: dict[int, int] = {}
+    grid = getattr(model, "module", model).grid
     for batch in loader:
-        probs = model(batch["video"].to(dtype)).float().softmax(dim=-1)  # (B * views, classes)
+        video = batch["video"].to(dtype)  # (B * views, 3, T, H, W)
+        drop_mask = finetune_drop_mask(mask, video.shape[0], grid, mask_ratio, train=False)  # (B * views, N) or None
+        probs = model(video, drop_mask).float().softmax(dim=-1)  # (B * views, classes)
         for p, index, label, valid in zip(probs, batch["index"].tolist(), batch["label"].tolist(), batch["valid"].tolist()):
             if not valid:
                 continue  # padding that keeps ranks in step
@@ -58,7 +68,7 @@ def evaluate(engine, cfg: RunConfig, rank: int, world: int) -> dict:
     )
     was_training = engine.module.training
     engine.module.eval()
-    local = video_probabilities(engine, loader, input_dtype(cfg.train.precision))
+    local = video_probabilities(engine, loader, input_dtype(cfg.train.precision), cfg.mask.finetune, cfg.mask.finetune_ratio)
     engine.module.train(was_training)
     gathered = [None] * world
     dist.all_gather_object(gathered, {i: (p.tolist(), label) for i, (p, label) in local.items()})

@@ -3,6 +3,10 @@
 Same engine, checkpointing and tracking as pre-training; what differs is the model (a
 classifier started from the previous stage's weights), layer-wise lr decay, mixup/cutmix with
 soft targets, a finite loader read once per epoch, and a multi-view evaluation at the end.
+
+MAR (`mask.finetune: running_cell`): each clip drops half of its tokens before the encoder,
+with a random start offset and slot order per clip; with `finetune.reconstruction_weight`
+the pre-training decoder rebuilds the dropped tokens as an auxiliary loss.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from scaling.config import RunConfig, data_sources, micro_batch
 from scaling.data.finetune import build_finetune_loader
 from scaling.evaluate import evaluate
-from scaling.models.classify import build_classifier
+from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.masking import finetune_drop_mask
+from scaling.models.classify import VideoClassifier, build_classifier
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
 from scaling.train.init_weights import load_initial_weights
@@ -57,6 +63,41 @@ def criterion_for(cfg: RunConfig):
     return None, LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing else torch.nn.CrossEntropyLoss()
 
 
+def classifier_for(cfg: RunConfig) -> VideoClassifier:
+    """The stage's classifier: linear or bridging head, with the reconstruction branch when weighted."""
+    m, f = cfg.model, cfg.finetune
+    return build_classifier(m.name, f.num_classes, m.num_frames, m.input_size, m.drop_path, head=m.head,
+                            head_drop=f.head_drop, reconstruction=f.reconstruction_weight > 0)
+
+
+def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, rows: int, world: int):
+    """Training drop masks (True = dropped) for the global micro-batch, sliced to this rank, so
+    a clip's mask depends on (seed, step, micro-step, row) only; None without fine-tune masking."""
+    k = cfg.mask
+    if k.finetune == "none":
+        return None
+    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
+    mask = finetune_drop_mask(k.finetune, rows * world, grid, k.finetune_ratio, train=True, generator=g)
+    return mask[rank * rows:(rank + 1) * rows]
+
+
+def finetune_loss(model, video: torch.Tensor, target: torch.Tensor, criterion, drop_mask: torch.Tensor | None = None,
+                  reconstruction_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss and its parts: the criterion on the logits, plus MAR's weighted
+    MSE on the normalized pixels of the dropped tokens. `model` is a VideoClassifier or the
+    DeepSpeed engine around one; `video` (B, 3, T, H, W) already in the model's dtype."""
+    if reconstruction_weight <= 0:
+        loss = criterion(model(video, drop_mask).float(), target)
+        return loss, {"loss_cls": loss.detach()}
+    logits, pred = model(video, drop_mask, reconstruct=True)  # pred (B, N_drop, 2*p*p*3)
+    size = getattr(model, "module", model).size
+    # The target is the clip the encoder was given (after mixup/cutmix and erasing), as in MAR.
+    pixels = normalized_pixel_target(video, size.patch, size.tubelet)  # (B, N, 2*p*p*3)
+    rec = masked_reconstruction_loss(pred, pixels, drop_mask, drop_mask)  # every dropped token counts
+    cls = criterion(logits.float(), target)
+    return cls + reconstruction_weight * rec, {"loss_cls": cls.detach(), "loss_rec": rec.detach()}
+
+
 def run_finetune(cfg: RunConfig) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
     rank, world = init_ranks()
@@ -66,11 +107,15 @@ def run_finetune(cfg: RunConfig) -> dict:
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)
-    model = build_model(lambda: build_classifier(m.name, f.num_classes, m.num_frames, m.input_size, m.drop_path), ds_config)
+    model = build_model(lambda: classifier_for(cfg), ds_config)
+    grid = model.grid
     model.set_grad_checkpointing(m.activation_checkpointing)
     if f.init_from and checkpoint.latest_tag(ckpt_dir) is None:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
-        load_initial_weights(model, f.init_from)
+        fresh = load_initial_weights(model, f.init_from)
+        if model.reconstruction is not None and rank == 0:
+            source = "its init (no decoder in that checkpoint)" if any(k.startswith("reconstruction.") for k in fresh) else "that checkpoint's decoder"
+            print(f"[scaling] reconstruction branch starts from {source}", flush=True)
 
     loader = train_loader_for(cfg, rank, world)
     steps_per_epoch = max(1, len(loader) // t.grad_accum)
@@ -83,8 +128,10 @@ def run_finetune(cfg: RunConfig) -> dict:
         "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)})
     start = state.get("step", 0)
     if rank == 0:
+        mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
+              (f" + reconstruction x {f.reconstruction_weight:g}" if f.reconstruction_weight > 0 else "")
         print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
-              f"{f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
+              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     mixup, criterion = criterion_for(cfg)
     batches = batches_from(loader, start, steps_per_epoch, t.grad_accum)
@@ -98,25 +145,31 @@ def run_finetune(cfg: RunConfig) -> dict:
         # Layer decay lives in each group's lr (peak x lr_scale); the schedule scales all alike.
         lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
         lr_lowest = min(g["lr"] for g in scheduler.optimizer.param_groups)
-        step_loss = torch.zeros(())
-        for _ in range(t.grad_accum):
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(t.grad_accum):
             batch = next(batches)
             video, target = batch["video"], batch["label"]  # (B, 3, T, H, W), (B,)
             if mixup is not None:
                 video, target = mixup(video, target)  # target: (B, classes) soft
-            loss = criterion(engine(video.to(dtype)).float(), target)
+            drop_mask = drop_mask_for_rank(cfg, grid, step, micro, rank, video.shape[0], world)  # (B, N) or None
+            loss, pieces = finetune_loss(engine, video.to(dtype), target, criterion, drop_mask, f.reconstruction_weight)
             engine.backward(loss)
             engine.step()
-            step_loss += loss.detach().float() / t.grad_accum
-        dist.all_reduce(step_loss)
-        step_loss = step_loss.item() / world
+            for k, v in {"loss": loss.detach(), **pieces}.items():
+                parts[k] = parts.get(k, 0) + v.float() / t.grad_accum
+        losses = torch.stack(list(parts.values()))
+        dist.all_reduce(losses)
+        losses = dict(zip(parts, (losses / world).tolist()))
+        step_loss = losses.pop("loss")
+        if f.reconstruction_weight <= 0:
+            losses = {}  # loss_cls is the loss itself
         seconds = time.perf_counter() - t0
         logging = (step + 1) % t.log_every == 0
         counters = summed(loader.stats) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
             log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                "loss": step_loss, **losses, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
         stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
