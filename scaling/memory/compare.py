@@ -12,6 +12,7 @@ The model, masks and loss are the project's own (`build_pretrain_model`, `make_m
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -225,6 +226,8 @@ def run_compare(spec: CompareSpec, device: str | None = None, log=print) -> dict
     for name in spec.variants:
         log(f"[memory] counting {name} ...")
         variants[name] = count_variant(name, spec)
+    # Step times on a shared CPU are only as good as the machine is quiet: keep the load beside them.
+    host = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1m_before": os.getloadavg()[0]}
     for name, result in variants.items():
         reason = timing_skip_reason(spec, dev, result["params"]["total"])
         result["step_time"] = {"skipped": reason} if reason else {}
@@ -234,10 +237,12 @@ def run_compare(spec: CompareSpec, device: str | None = None, log=print) -> dict
             log(f"[memory] timing {name}{' with checkpointing' if checkpointing else ''} on {dev} ...")
             key = "checkpointing" if checkpointing else "plain"
             result["step_time"][key] = time_variant(name, spec, dev, checkpointing)
+    host["load_avg_1m_after"] = os.getloadavg()[0]
     return {
         "spec": asdict(spec),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__,
+        "host": host,
         "counting": "FlopCounterMode (matmuls, convolutions, attention; 1 MAC = 2 FLOPs) and "
                     "saved_tensors_hooks (unique storages, parameters excluded), on meta tensors, fp32",
         "variants": variants,

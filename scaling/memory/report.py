@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from scaling.tracking import MLflowTracker, flatten
@@ -48,6 +49,11 @@ def table(result: dict) -> str:
     lines += [label.ljust(width) + "  " + "  ".join(x.rjust(c) for x, c in zip(vals, cols)) for label, vals in rows]
     skipped = {v["step_time"].get("skipped") for v in variants.values()} - {None}
     lines += [f"step time: {s}" for s in skipped]
+    host = result["host"]
+    timed = any(isinstance(t, dict) and "median_s" in t for v in variants.values() for t in v["step_time"].values())
+    if timed and result["device"] == "cpu" and max(host["load_avg_1m_before"], host["load_avg_1m_after"]) > host["cpus"]:
+        lines.append(f"note: load average {host['load_avg_1m_before']:.1f} -> {host['load_avg_1m_after']:.1f} on "
+                     f"{host['cpus']} CPUs while timing: other work shared the cores, so step times are inflated")
     return "\n".join(lines)
 
 
@@ -86,25 +92,33 @@ def chart(result: dict, path: Path) -> Path:
             vals = [(v["forward_flops"] if phase == "forward" else v["backward_flops"]["plain"])[part] / 1e9 for v in variants.values()]
             ax.bar(x, vals, bottom=bottom, color=color, hatch=hatch, edgecolor="white", label=f"{part} {phase}")
             bottom = [b + y for b, y in zip(bottom, vals)]
+    for i, top in enumerate(bottom):
+        ax.annotate(f"{top:.0f}" if top >= 10 else f"{top:.3g}", (i, top), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(top=max(bottom) * 1.12 or 1)
     ax.set_title("GFLOPs per step (no checkpointing)")
     ax.legend(fontsize=7)
 
     ax = axes[1]
     w = 0.38
     for off, key in ((-w / 2, "plain"), (w / 2, "checkpointing")):
-        ax.bar([i + off for i in x], [v["saved_bytes"][key] / MiB for v in variants.values()], w, label=key)
+        bars = ax.bar([i + off for i in x], [v["saved_bytes"][key] / MiB for v in variants.values()], w, label=key)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_title("bytes saved for backward (MiB)")
     ax.legend(fontsize=8)
 
     ax = axes[2]
     times = [(v["step_time"].get("plain") or {}).get("median_s", 0.0) for v in variants.values()]
-    if any(times):
-        ax.bar(x, times, color="tab:green")
-        ax.set_title(f"step time (s), {result['device']}")
-    else:
-        ax.set_title("step time: not measured")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_xticks(list(x), names)
+    ax = axes[2]
+    if any(times):
+        ax.bar_label(ax.bar(x, times, color="tab:green"), fmt="%.2f", fontsize=8)
+        ax.set_xticks(list(x), names)
+        ax.set_title(f"step time (s), {result['device']}, load {result['host']['load_avg_1m_before']:.1f}")
+    else:
+        reason = next((v["step_time"].get("skipped") for v in variants.values() if v["step_time"].get("skipped")), "")
+        ax.axis("off")
+        ax.text(0.5, 0.5, "step time not measured:\n" + textwrap.fill(reason, 45), ha="center", va="center", wrap=True)
     s = result["spec"]
     fig.suptitle(f"{s['model']}  {s['frames']}x{s['input_size']}  batch {s['batch']}  "
                  f"{s['encoder_mask']} {s['encoder_ratio']} / running cell {s['decoder_ratio']}")
