@@ -1,11 +1,17 @@
-"""Seconds per pre-training step (forward + backward with the normalized-pixel loss).
+"""Seconds per pre-training step (forward + backward with the normalized-pixel loss), or per
+fine-tuning step with and without MAR masking (`--stage finetune`).
 
-Runs our model with its SDPA attention and, in the same process on the same weights and
-inputs, the reference VideoMAE explicit-softmax attention (bench/naive_attention.py). Steps
-are interleaved (sdpa, naive, sdpa, naive, ...) so drift hits both alike. Writes JSON and
-prints a table.
+Pre-training: runs our model with its SDPA attention and, in the same process on the same
+weights and inputs, the reference VideoMAE explicit-softmax attention
+(bench/naive_attention.py). Steps are interleaved (sdpa, naive, sdpa, naive, ...) so drift
+hits both alike. Writes JSON and prints a table.
+
+Fine-tuning (bench/finetune_step.py): linear vs bridging head x every token vs MAR's 50 %
+running-cell drop mask, the same interleaving; forward FLOPs of each (total, encoder, head)
+counted with `torch.utils.flop_counter.FlopCounterMode`.
 
     python bench/step.py --model vit_b --batch 2 --precision bf16 --attention both
+    python bench/step.py --stage finetune --model vit_b --batch 1 --precision fp32
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from naive_attention import naive_copy  # noqa: E402
 
+from finetune_step import finetune_main  # noqa: E402
+
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target  # noqa: E402
 from scaling.masking import make_masks  # noqa: E402
 from scaling.models.pretrain import build_pretrain_model  # noqa: E402
@@ -42,6 +50,8 @@ MASKINGS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain",
+                   help="finetune: linear/bridging head x unmasked/MAR running-cell, FLOPs and step times")
     p.add_argument("--model", default="vit_b")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=16)
@@ -57,7 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("none", "sdpa", "both"), default="none",
                    help="torch.compile every block of ours (sdpa) or of both models; the first warm-up step holds the compile time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: bench/results/step_<model>_<masking>_<precision>.json")
+    p.add_argument("--out", default=None, help="default: bench/results/step_<model>_<masking>_<precision>.json "
+                   "(finetune: step_finetune_<model>_<precision>.json)")
+    p.add_argument("--heads", nargs="+", choices=("linear", "bridging"), default=["linear", "bridging"], help="finetune only")
+    p.add_argument("--finetune-masks", nargs="+", choices=("none", "running_cell"), default=["none", "running_cell"],
+                   help="finetune only")
+    p.add_argument("--finetune-ratio", type=float, default=0.5, help="finetune only: tokens dropped by MAR's mask")
+    p.add_argument("--reconstruction", type=float, default=0.0,
+                   help="finetune only: weight of MAR's reconstruction branch in the masked variants (0: none)")
+    p.add_argument("--classes", type=int, default=400, help="finetune only")
     return p.parse_args(argv)
 
 
@@ -135,6 +153,8 @@ def sdpa_backend(device: torch.device, dtype: torch.dtype, heads: int, tokens: i
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.stage == "finetune":
+        return finetune_main(args, PeakCuda, PeakRSS)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = args.precision == "bf16"
