@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from scaling.config import ConfigError, save_config
+from scaling.config import ConfigError
 from scaling.models.convert import CheckpointMismatchError
 
 
@@ -54,30 +54,6 @@ def exit_code_of_run(cfg) -> int:
     return EXIT_STOPPED if stopped_early(cfg.train.output_dir) else 0
 
 
-def cmd_pipeline(args) -> int:
-    from scaling.pipeline import StageStoppedEarly, run_pipeline
-    from scaling.train.signals import EXIT_STOPPED
-
-    try:
-        summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
-    except StageStoppedEarly as e:
-        print(f"[pipeline] {e}", flush=True)
-        return EXIT_STOPPED
-    for name, info in summary.items():
-        print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    return 0
-
-
-def cmd_pipeline_config(args) -> int:
-    """Write one stage's resolved run config (for launchers such as slurm/launch.sh)."""
-    from scaling.pipeline import load_pipeline, stage_config
-
-    cfg = stage_config(load_pipeline(args.pipeline, args.overrides, only=args.stage), args.stage)
-    save_config(cfg, args.out)
-    print(f"wrote stage '{args.stage}' of {args.pipeline} to {args.out}")
-    return 0
-
-
 def cmd_export(args) -> int:
     import yaml
 
@@ -110,31 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
         s.set_defaults(func=lambda a, stage=stage: cmd_train(a, stage))
 
-    s = sub.add_parser("pipeline", help="progressive pipeline: run the stages of a pipeline YAML in order")
-    s.add_argument("action", choices=["run"], help="run the stages on local ranks (resume-aware)")
-    s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/smoke.yaml")
-    s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1")
-    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
-    s.add_argument("--until", default=None, help="last stage to run")
-    s.set_defaults(func=cmd_pipeline)
-
-    s = sub.add_parser("stage-config", help="write one stage of a pipeline YAML as a resolved run config")
-    s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/vitg_k400.yaml")
-    s.add_argument("stage", help="stage name, e.g. pretrain")
-    s.add_argument("--out", required=True, help="where to write the run config YAML")
-    s.add_argument("overrides", nargs="*", help="pipeline overrides such as stages.pretrain.train.steps=10")
-    s.set_defaults(func=cmd_pipeline_config)
-
     s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
     s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")
     s.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
     s.set_defaults(func=cmd_export)
     from scaling.cli_labels import add_labels_parser
+    from scaling.cli_pipeline import add_pipeline_parser
     from scaling.cli_memory import add_memory_parser
     from scaling.cli_shard import add_shard_parser
 
     add_labels_parser(sub)
+    add_pipeline_parser(sub)
     add_memory_parser(sub)
     add_shard_parser(sub)
     return p

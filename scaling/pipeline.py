@@ -34,7 +34,7 @@ from scaling.tracking import flatten
 
 EXPORT = Path("export") / "model_fp32.pt"
 STARTED, DONE = "STARTED.json", "DONE.json"  # the fingerprint a stage was launched / finished with
-PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages"}
+PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages", "slurm"}
 
 
 class StageStoppedEarly(RuntimeError):
@@ -61,6 +61,17 @@ class Pipeline:
     output_dir: Path
     ranks: int
     stages: list[Stage]
+    raw: dict  # the YAML with overrides applied (what `pipeline submit` hands to its jobs)
+
+    def stage(self, name: str) -> Stage:
+        names = [s.name for s in self.stages]
+        if name not in names:
+            raise ConfigError(f"no stage '{name}' in pipeline '{self.name}'; stages are {', '.join(names)}")
+        return self.stages[names.index(name)]
+
+    def previous(self, stage: Stage) -> Stage | None:
+        i = self.stages.index(stage)
+        return self.stages[i - 1] if i else None
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -81,7 +92,7 @@ def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None)
         raise ConfigError(f"unknown pipeline key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(PIPELINE_KEYS))}")
     if not raw.get("stages"):
         raise ConfigError(f"pipeline '{path}' has no stages; add a 'stages:' mapping of stage name -> run config")
-    name = raw.get("name", p.stem)
+    name = raw.setdefault("name", p.stem)
     out = Path(raw.get("output_dir", f"runs/{name}"))
     ranks = int(raw.get("ranks", 1))
     stages = []
@@ -98,19 +109,7 @@ def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None)
         if not stages and cfg.finetune.init_from == "previous":
             raise ConfigError(f"stage '{stage_name}' is the first stage, so init_from: previous has nothing to start from")
         stages.append(Stage(stage_name, cfg))
-    return Pipeline(name, out, ranks, stages)
-
-
-def stage_config(pipe: Pipeline, name: str) -> RunConfig:
-    """One stage's run config with `init_from: previous` resolved to the previous stage's export."""
-    names = [s.name for s in pipe.stages]
-    if name not in names:
-        raise ConfigError(f"no stage '{name}' in pipeline '{pipe.name}'; stages are {', '.join(names)}")
-    i = names.index(name)
-    cfg = copy.deepcopy(pipe.stages[i].config)
-    if cfg.finetune.init_from == "previous":
-        cfg.finetune.init_from = str(pipe.stages[i - 1].export)
-    return cfg
+    return Pipeline(name, out, ranks, stages, raw)
 
 
 def select(stages: list[Stage], start: str | None, until: str | None) -> list[Stage]:
@@ -124,9 +123,12 @@ def select(stages: list[Stage], start: str | None, until: str | None) -> list[St
 
 
 def fingerprint(cfg: RunConfig, weights_in: str) -> dict:
-    """What decides a stage's weights: its config (tracking left out: it names runs, not
-    weights) and the identity of the weights it starts from, as JSON would store them."""
+    """What decides a stage's weights: its config and the identity of the weights it starts
+    from, as JSON would store them. Left out: tracking (it names runs, not weights) and the rank
+    count (the global batch is fixed, and a stage resumes on another rank count through a
+    universal checkpoint, e.g. when a requeued Slurm job lands on fewer nodes)."""
     config = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    config["train"] = {k: v for k, v in config["train"].items() if k != "ranks"}
     return json.loads(json.dumps({"config": config, "weights_in": weights_in}))
 
 
@@ -173,39 +175,56 @@ def set_aside_if_changed(stage: Stage, fp: dict) -> None:
           "the stage starts afresh", flush=True)
 
 
+def resolve(pipe: Pipeline, stage: Stage, parent_run_id: str) -> tuple[RunConfig, dict]:
+    """The stage's run config as it will run (`init_from: previous` -> the previous stage's
+    export) and its fingerprint. The previous stage must have finished."""
+    cfg = copy.deepcopy(stage.config)
+    previous = pipe.previous(stage)
+    from_previous = cfg.finetune.init_from == "previous"
+    if from_previous:
+        if not (previous.dir / DONE).is_file() or not previous.export.is_file():
+            raise ConfigError(f"stage '{stage.name}' starts from stage '{previous.name}', whose weights "
+                              f"{previous.export} do not exist; run that stage first")
+        cfg.finetune.init_from = str(previous.export)
+    cfg.tracking.parent_run_id = parent_run_id
+    return cfg, fingerprint(cfg, weights_in(stage, previous, from_previous))
+
+
+def start_stage(stage: Stage, cfg: RunConfig, fp: dict) -> Path:
+    """Make the stage folder ready to (re)start: set aside if changed, record the fingerprint it
+    started with, write the run config every rank reads. Returns that config's path."""
+    set_aside_if_changed(stage, fp)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    (stage.dir / STARTED).write_text(json.dumps({"fingerprint": fp}))
+    resolved = stage.dir / "config.launch.yaml"
+    save_config(cfg, resolved)
+    return resolved
+
+
+def complete_stage(stage: Stage, cfg: RunConfig, fp: dict) -> None:
+    """After the ranks finished: consolidated fp32 weights for the next stage, then DONE.json."""
+    from scaling.train.checkpoint import export_fp32
+
+    export_fp32(stage.dir / "checkpoints", stage.export, extra={"config": to_dict(cfg), "stage": stage.name})
+    (stage.dir / DONE).write_text(json.dumps({"fingerprint": fp, "digest": digest(fp), "weights": str(stage.export)}))
+
+
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
     from scaling.launch import launch_local
-    from scaling.train.checkpoint import export_fp32
     from scaling.train.signals import stopped_early
 
     pipe = load_pipeline(path, overrides)
     todo = select(pipe.stages, start, until)
     lineage = Lineage(pipe)
-    previous: Stage | None = None
-    names = [s.name for s in pipe.stages]
-    if todo and names.index(todo[0].name) > 0:
-        previous = pipe.stages[names.index(todo[0].name) - 1]
     summary = {}
     for stage in todo:
-        cfg = stage.config
-        from_previous = cfg.finetune.init_from == "previous"
-        if from_previous:
-            if previous is None or not (previous.dir / DONE).is_file() or not previous.export.is_file():
-                raise ConfigError(f"stage '{stage.name}' starts from stage '{previous.name if previous else '?'}', "
-                                  f"whose weights {previous.export if previous else ''} do not exist; run that stage first")
-            cfg.finetune.init_from = str(previous.export)
-        cfg.tracking.parent_run_id = lineage.parent_id
-        fp = fingerprint(cfg, weights_in(stage, previous, from_previous))
+        cfg, fp = resolve(pipe, stage, lineage.parent_id)
         if finished(stage, fp):
             print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
         else:
-            set_aside_if_changed(stage, fp)
+            config = start_stage(stage, cfg, fp)
             print(f"[pipeline] {stage.name}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
-            stage.dir.mkdir(parents=True, exist_ok=True)
-            (stage.dir / STARTED).write_text(json.dumps({"fingerprint": fp}))
-            resolved = stage.dir / "config.launch.yaml"
-            save_config(cfg, resolved)
-            code = launch_local("train", resolved, pipe.ranks)
+            code = launch_local("train", config, pipe.ranks)
             if code != 0:
                 lineage.close("FAILED")
                 raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); fix the cause and re-run the same "
@@ -215,10 +234,8 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
                 lineage.close("KILLED")
                 raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
                                         "with its checkpoint saved; re-run the same command to resume it")
-            export_fp32(stage.dir / "checkpoints", stage.export, extra={"config": to_dict(cfg), "stage": stage.name})
-            (stage.dir / DONE).write_text(json.dumps({"fingerprint": fp, "digest": digest(fp), "weights": str(stage.export)}))
-        summary[stage.name] = lineage.record(stage, previous)
-        previous = stage
+            complete_stage(stage, cfg, fp)
+        summary[stage.name] = lineage.record(stage, pipe.previous(stage))
     lineage.close("FINISHED")
     return summary
 

@@ -6,7 +6,8 @@
 #   SCALING_CONFIG      a run config YAML instead of a pipeline stage
 #   SCALING_OVERRIDES   space-separated overrides: pipeline keys for a stage
 #                       (stages.pretrain.train.steps=10), run keys for SCALING_CONFIG (train.steps=10)
-#   SCALING_OUTPUT      output folder (default runs/slurm/<job name>)
+#   SCALING_OUTPUT      output folder: the pipeline's output_dir for a stage (default: the
+#                       pipeline's own), the run's folder for SCALING_CONFIG (default runs/slurm/<job name>)
 #   GPUS_PER_NODE       processes per node (default: the node's GPU count, else 8)
 #   SCALING_PYTHON      the python that has scaling installed (default .venv/bin/python, else python3)
 #   SCALING_GUARD_S     the wall-time guard: save and stop this many seconds before the job's end (300)
@@ -21,21 +22,28 @@ die() { echo "slurm/launch.sh: $*" >&2; exit 2; }
 PY=${SCALING_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-OUT=${SCALING_OUTPUT:-runs/slurm/${SLURM_JOB_NAME:-job}}
 read -r -a OVERRIDES <<< "${SCALING_OVERRIDES:-}"
-mkdir -p "$OUT"
 
 # The run config every rank reads, validated here (before any rank starts) for NODES x GPUS ranks.
-CONFIG=$OUT/config.slurm.yaml
 if [ -n "${SCALING_CONFIG:-}" ]; then
   [ -f "$SCALING_CONFIG" ] || die "SCALING_CONFIG '$SCALING_CONFIG' does not exist; pass a run config YAML"
+  OUT=${SCALING_OUTPUT:-runs/slurm/${SLURM_JOB_NAME:-job}}
+  mkdir -p "$OUT"
+  CONFIG=$OUT/config.slurm.yaml
   cp "$SCALING_CONFIG" "$CONFIG"
   RUN_OVERRIDES=("${OVERRIDES[@]}" "train.output_dir=$OUT")
 else
   [ -n "${SCALING_PIPELINE:-}" ] && [ -n "${SCALING_STAGE:-}" ] || die "set SCALING_PIPELINE and SCALING_STAGE, or SCALING_CONFIG"
   [ -f "$SCALING_PIPELINE" ] || die "SCALING_PIPELINE '$SCALING_PIPELINE' does not exist; pass one of pipelines/*.yaml"
-  "$PY" -m scaling.cli stage-config --out "$CONFIG" "$SCALING_PIPELINE" "$SCALING_STAGE" "ranks=$((NODES * GPUS))" "${OVERRIDES[@]}"
-  RUN_OVERRIDES=("train.output_dir=$OUT")
+  STAGE_ARGS=("$SCALING_PIPELINE" "$SCALING_STAGE" "ranks=$((NODES * GPUS))" ${SCALING_OUTPUT:+"output_dir=$SCALING_OUTPUT"} "${OVERRIDES[@]}")
+  # The stage's folder, its resolved config (init_from: previous -> the previous stage's
+  # export), and whether it finished already (a job requeued after it completed).
+  read -r state OUT < <("$PY" -m scaling.cli pipeline prepare "${STAGE_ARGS[@]}" | tail -n 1) || true
+  case "${state:-}" in
+    done) echo "[slurm] stage $SCALING_STAGE finished earlier ($OUT); nothing to do"; exit 0 ;;
+    run) CONFIG=$OUT/config.launch.yaml; RUN_OVERRIDES=() ;;
+    *) die "could not prepare stage '$SCALING_STAGE' of $SCALING_PIPELINE (see the error above)" ;;
+  esac
 fi
 
 # Wall-time guard: the ranks save and stop SCALING_GUARD_S before the job's end.
@@ -62,5 +70,10 @@ if [ -f "$OUT/STOPPED" ]; then
   echo "[slurm] stopped early ($(cat "$OUT/STOPPED")); requeueing job $SLURM_JOB_ID to resume"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+fi
+if [ -z "${SCALING_CONFIG:-}" ]; then
+  # A pipeline stage: export its weights for the next stage and record it (or mark the
+  # pipeline's MLflow run failed). A failed stage's non-zero exit cancels the jobs after it.
+  "$PY" -m scaling.cli pipeline complete "${STAGE_ARGS[@]}" --exit-code "$rc" || { [ "$rc" -ne 0 ] || rc=1; }
 fi
 exit "$rc"

@@ -56,7 +56,7 @@ def test_pretrain_vitg_runs_is_preempted_requeues_and_resumes(slurm, tmp_path):
                                env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
-    metrics = out / "metrics.jsonl"
+    metrics = out / "pretrain" / "metrics.jsonl"  # SCALING_OUTPUT is the pipeline's output_dir
     deadline = time.time() + 400
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert job_state(slurm, job) in ("PENDING", "RUNNING", "CONFIGURING"), (tmp_path / "job.out").read_text()
@@ -71,9 +71,11 @@ def test_pretrain_vitg_runs_is_preempted_requeues_and_resumes(slurm, tmp_path):
     assert 3 <= stopped_at < steps, "resumed from the preemption checkpoint, not from zero"
     rows = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert rows == list(range(1, steps + 1)), "no gap and no step done twice"
+    assert (out / "pretrain" / "DONE.json").is_file() and (out / "pretrain" / "export" / "model_fp32.pt").is_file()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (only,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    history = mlflow.MlflowClient().get_metric_history(only.info.run_id, "loss")
+    (stage_run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'pretrain'",
+                                      output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(stage_run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1)), "the requeued job continued the same run"
 
 
@@ -85,3 +87,85 @@ def test_launcher_outside_slurm_and_bad_config_say_what_to_do(slurm, tmp_path):
                                                           "SCALING_OUTPUT": str(tmp_path)},
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "SCALING_CONFIG 'nope.yaml' does not exist" in bad.stderr
+
+
+def submit(env, *args, pipeline="pipelines/smoke.yaml") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scaling.cli", "pipeline", "submit", pipeline, *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def job_ids(stdout: str) -> dict:
+    return {line.split()[1].rstrip(":"): line.split()[-1] for line in stdout.splitlines() if "submitted as Slurm job" in line}
+
+
+def wait_until_ended(env, jobs, seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        states = {stage: job_state(env, job) for stage, job in jobs.items()}
+        if all(s not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED") for s in states.values()):
+            return states
+        time.sleep(2)
+    return states
+
+
+def test_pipeline_submit_chains_the_stages_and_a_failed_stage_stops_the_rest(slurm, tmp_path):
+    """`scaling pipeline submit pipelines/smoke.yaml`: three dependent jobs, run in order, job ids in
+    the pipeline's MLflow run; resubmitting submits nothing; a stage that fails cancels the next."""
+    for name, count in (("train", 16), ("val", 8)):
+        subprocess.run([sys.executable, "-m", "scaling.cli", "synth", "--out", str(tmp_path / name), "--num-videos",
+                        str(count), "--per-shard", "8", "--seed", str(count)], check=True, timeout=300)
+    out = tmp_path / "smoke"
+    overrides = [f"output_dir={out}", f"defaults.data.shards={tmp_path}/train/synth-{{000000..000001}}.tar",
+                 "stages.pretrain.train.steps=4", *[f"stages.{s}.{k}" for s in ("postpretrain", "finetune")
+                                                     for k in ("train.epochs=1", "optim.warmup_epochs=0")],
+                 f"stages.finetune.finetune.val_shards={tmp_path}/val/synth-000000.tar"]
+    env = {**slurm, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "SCALING_PYTHON": sys.executable}
+    first = submit(env, *overrides)
+    assert first.returncode == 0, first.stderr
+    jobs = job_ids(first.stdout)
+    assert list(jobs) == ["pretrain", "postpretrain", "finetune"], first.stdout
+    shown = subprocess.run(["scontrol", "show", "job", jobs["finetune"]], env=slurm, capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{jobs['postpretrain']}" in shown
+
+    states = wait_until_ended(slurm, jobs, 900)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "slurm").glob("*.out")))
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
+    done = {s: (out / s / "DONE.json").stat().st_mtime for s in jobs}
+    started = {s: (out / s / "STARTED.json").stat().st_mtime for s in jobs}
+    assert done["pretrain"] <= started["postpretrain"] and done["postpretrain"] <= started["finetune"], "in order"
+    assert json.loads((out / "finetune" / "eval.json").read_text())["videos"] == 8
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    (parent,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.pipeline = 'smoke'", output_format="list")
+    assert parent.info.status == "FINISHED"
+    assert {s: parent.data.tags[f"slurm_job.{s}"] for s in jobs} == jobs
+    nested = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["stage"] for r in nested) == sorted(jobs)
+
+    again = submit(env, *overrides)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout and not job_ids(again.stdout), again.stdout
+
+    # A changed post-pre-training stage whose weights cannot load (another model size) fails; the
+    # fine-tuning job after it is cancelled and never starts; pre-training is not resubmitted.
+    finetune_done = (out / "finetune" / "DONE.json").stat().st_mtime
+    broken = submit(env, *overrides, "stages.postpretrain.model.name=vit_s")
+    assert broken.returncode == 0, broken.stderr
+    jobs = job_ids(broken.stdout)
+    assert list(jobs) == ["postpretrain", "finetune"] and "pretrain: finished earlier" in broken.stdout
+    states = wait_until_ended(slurm, jobs, 600)
+    assert states["postpretrain"] == "FAILED" and states["finetune"] == "CANCELLED", states
+    assert (out / "finetune" / "DONE.json").stat().st_mtime == finetune_done
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_pipeline_submit_says_what_is_wrong_before_submitting(slurm, tmp_path):
+    env = {**slurm, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    unknown = submit(env, f"output_dir={tmp_path}", "stages.pretrain.model.name=vit_zz")
+    assert unknown.returncode == 2 and "unknown model.name 'vit_zz'; choose one of" in unknown.stderr
+    assert "Traceback" not in unknown.stderr and not (tmp_path / "slurm").exists()
+    missing = submit(env, pipeline="nope.yaml")
+    assert missing.returncode == 2 and "pipeline file 'nope.yaml' does not exist" in missing.stderr
+    no_slurm = submit({**env, "PATH": str(tmp_path)}, f"output_dir={tmp_path}")
+    assert no_slurm.returncode == 2 and "sbatch is not on PATH" in no_slurm.stderr
