@@ -48,7 +48,10 @@ fi
 
 # Wall-time guard: the ranks save and stop SCALING_GUARD_S before the job's end.
 end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
-if end_s=$(date -d "$end" +%s 2>/dev/null); then export SCALING_STOP_AT=$((end_s - ${SCALING_GUARD_S:-300})); fi
+if end_s=$(date -d "$end" +%s 2>/dev/null); then
+  export SCALING_STOP_AT=$((end_s - ${SCALING_GUARD_S:-300}))
+  echo "[slurm] wall-time guard: the ranks save and stop at $(date -u -d "@$SCALING_STOP_AT" +%FT%TZ) (job ends $end)"
+fi
 
 trap 'echo "[slurm] $(date -u +%FT%TZ) preemption/time-limit notice: asking the ranks to save and stop"; touch "$OUT/STOP"' USR1
 

@@ -89,6 +89,18 @@ def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path):
     assert len(runs) == 2, "the resumed run continued its own MLflow run"
 
 
+def test_wall_time_guard_saves_and_stops_before_the_limit(tmp_path):
+    """SCALING_STOP_AT (set by slurm/launch.sh from the job's end time) already passed: the ranks
+    stop after their first step, save it, and the command exits 75 (run again to resume)."""
+    out = tmp_path / "guarded"
+    env = {**env_for(tmp_path), "SCALING_STOP_AT": str(time.time() - 1)}
+    proc = subprocess.run(pretrain_cmd(out, *NOISE, "train.ranks=2"), env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "STOPPED").read_text()) == {"step": 1, "reason": "wall-time guard"}
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")

@@ -67,6 +67,7 @@ def test_pretrain_vitg_runs_is_preempted_requeues_and_resumes(slurm, tmp_path):
     log = (tmp_path / "job.out").read_text()
     assert job_state(slurm, job) == "COMPLETED", log[-4000:]
     assert "requeueing job" in log and "(restart 1)" in log, log[-4000:]
+    assert "wall-time guard: the ranks save and stop at" in log  # from the job's end time (--time=20)
     stopped_at = int(log.split("resuming at step ")[1].split(":")[0])
     assert 3 <= stopped_at < steps, "resumed from the preemption checkpoint, not from zero"
     rows = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
