@@ -26,11 +26,15 @@ def data(tmp_path_factory):
 
 
 def overrides(data: Path, out: Path) -> list[str]:
-    """The smoke pipeline, shortened: 4 pre-training steps, 2 epochs per supervised stage."""
+    """The smoke pipeline, shortened: 4 pre-training steps, 2 epochs per supervised stage; the
+    fine-tune stage uses MAR (running-cell drop mask, bridging head, reconstruction branch) so
+    that path runs under ZeRO-3 on 2 ranks too (tests/test_slurm.py runs the plain one)."""
     return [f"output_dir={out}", f"defaults.data.shards={data}/train/synth-{{000000..000001}}.tar",
             "stages.pretrain.train.steps=4", "stages.postpretrain.train.epochs=2", "stages.finetune.train.epochs=2",
             "stages.postpretrain.train.save_every=1",
-            f"stages.finetune.finetune.val_shards={data}/val/synth-000000.tar"]
+            f"stages.finetune.finetune.val_shards={data}/val/synth-000000.tar",
+            "stages.finetune.model.head=bridging", "stages.finetune.mask.finetune=running_cell",
+            "stages.finetune.finetune.reconstruction_weight=0.1"]
 
 
 def env_for(tmp: Path) -> dict:
@@ -68,6 +72,9 @@ def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data,
         assert abs(row["lr_lowest_layer"] / row["lr"] - 0.9 ** 3) < 1e-9, row
     result = json.loads((out / "finetune" / "eval.json").read_text())
     assert result["videos"] == 8 and 0 <= result["top1"] <= 100 and result["per_class_accuracy"]
+    assert "bridging head, MAR running_cell 0.5 + reconstruction x 0.1" in rerun.stdout
+    mar_rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert mar_rows and all(row["loss_rec"] > 0 and "loss_cls" in row for row in mar_rows)
 
     # MLflow: one parent run, three nested stage runs reused across the kill, lineage tags.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
