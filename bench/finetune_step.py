@@ -5,10 +5,10 @@ training loop's own: `scaling.train.finetune.finetune_loss` (cross-entropy, plus
 reconstruction of the dropped tokens with `--reconstruction`) and backward, on a model from
 `build_classifier`. Steps are interleaved across variants so drift hits all alike.
 
-Forward FLOPs come from `FlopCounterMode` on the benchmarked models and inputs (meta tensors
-cannot run the masks: the kept-token count is data). The CPU's fused flash-attention op is
-missing from the counter's table and would count as zero, so it is registered here with
-the counter's own SDPA formula. FLOPs are 2 x multiply-accumulates.
+Forward FLOPs come from `scaling.memory.compare.classifier_forward_flops` (FlopCounterMode
+with the CPU's fused flash-attention op counted, split encoder / head / reconstruction, the
+same split `scaling memory compare --finetune` uses) on the benchmarked models and inputs.
+FLOPs are 2 x multiply-accumulates.
 """
 from __future__ import annotations
 
@@ -20,35 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from scaling.masking import finetune_drop_mask
+from scaling.memory.compare import classifier_forward_flops as forward_flops
 from scaling.models.classify import build_classifier
 from scaling.train.finetune import finetune_loss
-
-ROOT = "VideoClassifier"  # FlopCounterMode names modules from the root's class name
-CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if CPU_SDPA is not None and CPU_SDPA not in flop_registry:
-    # Same leading (q, k, v) arguments as the CUDA flash op, so the same formula counts it.
-    flop_registry[CPU_SDPA] = flop_registry[torch.ops.aten._scaled_dot_product_flash_attention]
 
 
 def variant_name(head: str, mask: str) -> str:
     return f"{head}/{'masked' if mask != 'none' else 'unmasked'}"
-
-
-def forward_flops(model, video: torch.Tensor, drop_mask: torch.Tensor | None) -> dict[str, int]:
-    """Forward FLOPs of one batch, split into encoder (patch embedding + blocks), head (bridge,
-    fc_norm, linear) and the reconstruction branch when it runs."""
-    reconstruct = drop_mask is not None and model.reconstruction is not None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(video, drop_mask, reconstruct=reconstruct)
-    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    encoder = per_module.get(f"{ROOT}.patch_embed", 0) + sum(
-        per_module.get(f"{ROOT}.blocks.{i}", 0) for i in range(len(model.blocks)))
-    reconstruction = per_module.get(f"{ROOT}.reconstruction", 0)
-    return {"total": total, "encoder": encoder, "head": total - encoder - reconstruction, "reconstruction": reconstruction}
 
 
 def build(args, head: str, device) -> torch.nn.Module:

@@ -13,7 +13,9 @@ def cmd_memory_compare(args) -> int:
     spec = CompareSpec(
         model=args.model, frames=args.frames, input_size=args.input_size, batch=args.batch,
         encoder_mask=args.encoder_mask, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
-        with_unmasked=args.with_unmasked, num_classes=args.num_classes, time=not args.no_time,
+        with_unmasked=args.with_unmasked, num_classes=args.num_classes, finetune=args.finetune,
+        finetune_heads=tuple(h for h in args.finetune_heads.split(",") if h), finetune_ratio=args.finetune_ratio,
+        finetune_reconstruction=args.finetune_reconstruction, time=not args.no_time,
         repeats=args.repeats, warmup=args.warmup, time_checkpointing=args.time_checkpointing,
         time_max_params=args.time_max_params * 1e6, seed=args.seed,
     )
@@ -23,7 +25,7 @@ def cmd_memory_compare(args) -> int:
         print(f"scaling memory compare: error: {e}", file=sys.stderr)
         return 2
     print(table(result))
-    stem = Path(args.out_dir) / f"memory_compare_{args.model}"
+    stem = Path(args.out_dir) / f"memory_compare_{args.model}{'_finetune' if args.finetune else ''}"
     files = [write_json(result, stem.with_suffix(".json")), chart(result, stem.with_suffix(".png"))]
     print("wrote " + " and ".join(str(f) for f in files))
     if not args.no_mlflow:
@@ -35,11 +37,12 @@ def cmd_memory_compare(args) -> int:
 def add_compare_parser(sub) -> None:
     s = sub.add_parser(
         "compare",
-        help="dual vs encoder-only masking (and optionally none): params, FLOPs, saved bytes, step time",
+        help="dual vs encoder-only masking (optionally unmasked and MAR fine-tuning): params, FLOPs, saved bytes, step time",
         description="Count parameters, forward/backward FLOPs (FlopCounterMode, split encoder/decoder) and the bytes "
         "autograd saves for backward (with and without activation checkpointing) for each masking variant, on meta "
         "tensors so that any size can be counted; time real steps where the model is small enough for the device. "
-        "Writes a table, <out-dir>/memory_compare_<model>.json and .png, and an MLflow run.",
+        "With --finetune, also the fine-tune step on every token next to MAR's masked one (linear and bridging heads). "
+        "Writes a table, <out-dir>/memory_compare_<model>[_finetune].json and .png, and an MLflow run.",
     )
     s.add_argument("--model", default="vit_b", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
     s.add_argument("--frames", type=int, default=16)
@@ -51,7 +54,15 @@ def add_compare_parser(sub) -> None:
     s.add_argument("--with-unmasked", action="store_true",
                    help="also the unmasked case: the fine-tune model (encoder on every token + linear head, cross-entropy), "
                    "since the pre-training model at ratio 0 would have nothing to reconstruct")
-    s.add_argument("--num-classes", type=int, default=710, help="head size of the unmasked (fine-tune) variant")
+    s.add_argument("--num-classes", type=int, default=710, help="head size of the unmasked and MAR (fine-tune) variants")
+    s.add_argument("--finetune", action="store_true",
+                   help="also the fine-tune steps: unmasked (as --with-unmasked) and MAR's running-cell drop mask "
+                   "with each head of --finetune-heads (variants mar<ratio%%>_<head>); files get a _finetune suffix")
+    s.add_argument("--finetune-heads", default="linear,bridging", help="with --finetune: comma-separated heads of the MAR variants")
+    s.add_argument("--finetune-ratio", type=float, default=0.5, help="with --finetune: share of tokens MAR's mask drops")
+    s.add_argument("--finetune-reconstruction", type=float, default=0.0, metavar="WEIGHT",
+                   help="with --finetune: MAR variants keep the reconstruction branch with this loss weight "
+                   "(MAR: 0.01 K400, 0.1 SSv2; 0: no branch)")
     s.add_argument("--no-time", action="store_true", help="count only; do not time real steps")
     s.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     s.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")

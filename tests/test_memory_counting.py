@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scaling.memory.compare import CompareSpec, count_variant
+from scaling.models.vit import get_size
 from scaling.memory.counting import SavedTensors, count_flops, meta_counting, saved_tensor_bytes, step_flops
 
 B, IN, HID, OUT = 4, 8, 16, 3
@@ -124,9 +125,40 @@ def test_dual_masking_cuts_decoder_flops_and_checkpointing_cuts_saved_bytes():
         assert v["forward_macs"]["total"] * 2 == v["forward_flops"]["total"]
 
 
-@pytest.mark.parametrize("variant", ["dual", "unmasked"])
+def test_mar_finetune_halves_the_blocks_and_bridging_costs_more_than_linear():
+    spec = CompareSpec(**SMALL, finetune=True)
+    assert spec.variants == ["dual", "encoder_only", "unmasked", "mar50_linear", "mar50_bridging"]
+    full, mar, bridging = (count_variant(v, spec) for v in ("unmasked", "mar50_linear", "mar50_bridging"))
+    n, b = 2 * 4 * 4, SMALL["batch"]
+    assert full["tokens"]["encoder"] == n and mar["tokens"]["encoder"] == bridging["tokens"]["encoder"] == n // 2
+    # By hand: the patch embedding (a matmul of 3 * 2 * 16 * 16 pixels to the width per token)
+    # runs on every token in both; each block's linears (qkv, proj, 2 MLP layers) run on the
+    # kept half, and its attention matmuls (q k^T, attn v) on a quarter of the pairs.
+    size = get_size("debug")
+    d, hidden = size.width, size.mlp_hidden
+    patch = 2 * b * n * (3 * size.tubelet * size.patch**2) * d
+    linears = lambda tokens: 2 * b * tokens * (4 * d * d + 2 * d * hidden) * size.depth  # noqa: E731
+    attention = lambda tokens: 2 * 2 * b * tokens * tokens * d * size.depth  # noqa: E731
+    assert full["forward_flops"]["encoder"] == patch + linears(n) + attention(n)
+    assert mar["forward_flops"]["encoder"] == patch + linears(n // 2) + attention(n // 2)
+    blocks_ratio = (mar["forward_flops"]["encoder"] - patch) / (full["forward_flops"]["encoder"] - patch)
+    assert 0.45 < blocks_ratio < 0.5  # about half: attention shrinks to a quarter
+    assert mar["forward_flops"]["encoder"] < full["forward_flops"]["encoder"]
+    assert mar["backward_flops"]["plain"]["encoder"] < full["backward_flops"]["plain"]["encoder"]
+    # The heads: linear on the pooled vector either way; bridging runs 2 blocks on the kept tokens.
+    assert mar["forward_flops"]["other"] == full["forward_flops"]["other"] == 2 * b * d * spec.num_classes
+    assert bridging["forward_flops"]["encoder"] == mar["forward_flops"]["encoder"]
+    assert bridging["forward_flops"]["other"] > mar["forward_flops"]["other"]
+    assert bridging["params"]["other"] > mar["params"]["other"] and mar["params"]["encoder"] == full["params"]["encoder"]
+    # Fewer tokens, fewer activations kept for backward.
+    assert mar["saved_bytes"]["plain"] < full["saved_bytes"]["plain"]
+    for v in (full, mar, bridging):
+        assert v["forward_flops"]["decoder"] == 0  # no reconstruction branch unless asked
+
+
+@pytest.mark.parametrize("variant", ["dual", "unmasked", "mar50_bridging"])
 def test_meta_counting_matches_real_tensors(variant):
-    spec = CompareSpec(**SMALL)
+    spec = CompareSpec(**SMALL, finetune=True)
     meta, real = count_variant(variant, spec, "meta"), count_variant(variant, spec, "cpu")
     for key in ("params", "forward_flops", "backward_flops", "saved_bytes", "tokens"):
         assert meta[key] == real[key], key
@@ -161,11 +193,32 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert artifacts == {"memory_compare_debug.json", "memory_compare_debug.png"}
 
 
+def test_cli_finetune_variants_in_json(tmp_path, capsys):
+    rc = run_cli(["--model", "debug", "--frames", "4", "--input-size", "64", "--finetune", "--finetune-reconstruction", "0.1",
+                  "--no-time", "--no-mlflow", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mar50_bridging / unmasked: forward FLOPs encoder x" in printed
+    result = json.loads((tmp_path / "memory_compare_debug_finetune.json").read_text())
+    assert list(result["variants"]) == ["dual", "encoder_only", "unmasked", "mar50_linear", "mar50_bridging"]
+    assert result["spec"]["finetune_heads"] == ["linear", "bridging"] and result["spec"]["finetune_ratio"] == 0.5
+    v = result["variants"]
+    assert "running-cell mask drops 50%" in v["mar50_linear"]["description"]
+    # With a reconstruction weight the MAR variants run the decoder on the dropped tokens.
+    assert v["unmasked"]["forward_flops"]["decoder"] == 0 < v["mar50_linear"]["forward_flops"]["decoder"]
+    assert v["mar50_linear"]["tokens"] == {"encoder": 16, "decoder": 32, "predicted": 16}
+    ratios = result["mar_over_unmasked"]
+    assert set(ratios) == {"mar50_linear", "mar50_bridging"}
+    assert ratios["mar50_linear"]["forward_flops_encoder"] < 1 < ratios["mar50_bridging"]["forward_flops_other"]
+    assert (tmp_path / "memory_compare_debug_finetune.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--model", "vit_x"], "unknown model 'vit_x'"),
     (["--model", "debug", "--encoder-ratio", "1.5"], "--encoder-ratio 1.5"),
     (["--model", "debug", "--decoder-ratio", "0.1"], "running-cell ratio 0.1"),
     (["--model", "debug", "--input-size", "50"], "input_size=50"),
+    (["--model", "debug", "--finetune", "--finetune-heads", "linear,mlp"], "--finetune-heads linear,mlp"),
 ])
 def test_cli_errors_are_one_sentence(argv, words, capsys):
     assert run_cli([*argv, "--no-mlflow", "--no-time"]) == 2

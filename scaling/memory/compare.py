@@ -1,4 +1,6 @@
-"""`scaling memory compare`: dual vs encoder-only masking (and optionally none), side by side.
+"""`scaling memory compare`: dual vs encoder-only masking (and optionally none), side by side,
+and with `finetune` the fine-tune steps next to them: every token (VideoMAE V2) vs MAR's
+running-cell drop mask with a linear or bridging head.
 
 Per variant: parameters, forward/backward FLOPs split encoder/decoder, the bytes autograd
 saves for backward with and without activation checkpointing, and (on real tensors) step
@@ -7,7 +9,8 @@ ViT-g step is counted without being computed; timing needs real tensors and is s
 the CPU for models above `time_max_params`.
 
 The model, masks and loss are the project's own (`build_pretrain_model`, `make_masks`,
-`masked_reconstruction_loss`); nothing here re-implements them.
+`masked_reconstruction_loss`; `build_classifier`, `finetune_drop_mask`, `finetune_loss` for
+the fine-tune variants); nothing here re-implements them.
 """
 from __future__ import annotations
 
@@ -16,13 +19,12 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
-from scaling.masking import ENCODER_MASKS, make_masks, running_cell_maps
-from scaling.memory.counting import SavedTensors, cuda_peak_bytes, meta_counting, step_flops, time_step
-from scaling.models.classify import build_classifier
+from scaling.masking import ENCODER_MASKS, finetune_drop_mask, make_masks, running_cell_maps
+from scaling.memory.counting import SavedTensors, count_flops, cuda_peak_bytes, meta_counting, step_flops, time_step
+from scaling.models.classify import HEADS, VideoClassifier, build_classifier
 from scaling.models.pretrain import VideoMAEPretrain, build_pretrain_model
 from scaling.models.vit import count_params, get_size, num_tokens
 
@@ -33,6 +35,7 @@ VARIANTS = {
                 "cross-entropy); the pre-training model has no honest unmasked form, its decoder "
                 "would have nothing to reconstruct",
 }
+MAR_PREFIX = "mar"  # fine-tune variants with MAR's drop mask: "mar50_linear", "mar50_bridging"
 
 # REFERENCE.md "Measured compute": forward multiply-accumulates per clip of the public code,
 # 16 frames at 224 px, tube 0.9 + running cell 0.5.
@@ -52,7 +55,11 @@ class CompareSpec:
     encoder_ratio: float = 0.9
     decoder_ratio: float = 0.5
     with_unmasked: bool = False
-    num_classes: int = 710  # head of the unmasked (fine-tune) variant
+    num_classes: int = 710  # head of the unmasked and MAR (fine-tune) variants
+    finetune: bool = False  # "unmasked" plus MAR's masked fine-tune step per head in finetune_heads
+    finetune_heads: tuple[str, ...] = ("linear", "bridging")
+    finetune_ratio: float = 0.5  # share of tokens MAR's running-cell mask drops before the encoder
+    finetune_reconstruction: float = 0.0  # weight of MAR's reconstruction branch (0: no branch)
     time: bool = True
     repeats: int = 3
     warmup: int = 1
@@ -62,7 +69,23 @@ class CompareSpec:
 
     @property
     def variants(self) -> list[str]:
-        return ["dual", "encoder_only"] + (["unmasked"] if self.with_unmasked else [])
+        out = ["dual", "encoder_only"] + (["unmasked"] if self.with_unmasked or self.finetune else [])
+        return out + (list(mar_variants(self)) if self.finetune else [])
+
+
+def mar_variants(spec: CompareSpec) -> dict[str, str]:
+    """Name -> head of the MAR fine-tune variants, e.g. {"mar50_linear": "linear"}."""
+    return {f"{MAR_PREFIX}{round(100 * spec.finetune_ratio)}_{head}": head for head in spec.finetune_heads}
+
+
+def describe(variant: str, spec: CompareSpec) -> str:
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    head = mar_variants(spec)[variant]
+    rec = (f", plus {spec.finetune_reconstruction} x the reconstruction branch's MSE on the dropped tokens"
+           if spec.finetune_reconstruction > 0 else "")
+    return (f"MAR fine-tuning: the running-cell mask drops {spec.finetune_ratio:.0%} of the tokens before the "
+            f"encoder (patch embedding still runs on all), {head} head, cross-entropy{rec}")
 
 
 def validate(spec: CompareSpec) -> None:
@@ -79,6 +102,15 @@ def validate(spec: CompareSpec) -> None:
     if not 0 < spec.decoder_ratio < 1:
         raise ValueError(f"--decoder-ratio {spec.decoder_ratio} must be in (0, 1); the running cell takes 0.25, 0.5 or 0.75")
     running_cell_maps(grid, spec.decoder_ratio)  # raises for odd grids and ratios with no cell pattern
+    if spec.finetune:
+        bad = [h for h in spec.finetune_heads if h not in HEADS]
+        if bad or not spec.finetune_heads:
+            raise ValueError(f"--finetune-heads {','.join(spec.finetune_heads)}: choose from {', '.join(HEADS)}")
+        if not 0 < spec.finetune_ratio < 1:
+            raise ValueError(f"--finetune-ratio {spec.finetune_ratio} must be in (0, 1); MAR drops 0.5")
+        running_cell_maps(grid, spec.finetune_ratio)
+        if spec.finetune_reconstruction < 0:
+            raise ValueError(f"--finetune-reconstruction {spec.finetune_reconstruction} must be at least 0")
     if spec.repeats < 1 or spec.warmup < 0:
         raise ValueError("--repeats must be at least 1 and --warmup at least 0")
 
@@ -93,21 +125,38 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
     device = torch.device(device)
     size = get_size(spec.model)
     real = device.type != "meta"
+    mar = mar_variants(spec).get(variant)
     with torch.device(device):
-        if variant == "unmasked":
-            model = build_classifier(spec.model, spec.num_classes, spec.frames, spec.input_size)
+        if variant == "unmasked" or mar:
+            rec = mar is not None and spec.finetune_reconstruction > 0
+            model = build_classifier(spec.model, spec.num_classes, spec.frames, spec.input_size,
+                                     head=mar or "linear", reconstruction=rec)
         else:
             model = build_pretrain_model(spec.model, spec.frames, spec.input_size)
         video = torch.randn(spec.batch, 3, spec.frames, spec.input_size, spec.input_size) if real else \
             torch.empty(spec.batch, 3, spec.frames, spec.input_size, spec.input_size)
     model.train()
-    if variant == "unmasked":
+    g = torch.Generator().manual_seed(spec.seed)
+    if variant == "unmasked" or mar:
+        from scaling.train.finetune import finetune_loss  # the training loop's loss; imports DeepSpeed, so only here
+
         labels = torch.zeros(spec.batch, dtype=torch.long, device=device)
         n = model.grid[0] * model.grid[1] * model.grid[2]
-        return model, lambda: F.cross_entropy(model(video), labels), {"encoder": n, "decoder": 0, "predicted": 0}
+        drop = finetune_drop_mask("running_cell" if mar else "none", spec.batch, model.grid, spec.finetune_ratio,
+                                  train=True, generator=g)
+        dropped = 0 if drop is None else int(drop[0].sum())
+        weight = spec.finetune_reconstruction if model.reconstruction is not None else 0.0
+        if real and drop is not None:
+            drop = drop.to(device)
+        criterion = nn.CrossEntropyLoss()
+
+        def finetune_forward() -> torch.Tensor:  # the training loop's own loss
+            return finetune_loss(model, video, labels, criterion, drop, weight)[0]
+
+        decoded = n if weight else 0  # the reconstruction decoder runs on kept + dropped tokens
+        return model, finetune_forward, {"encoder": n - dropped, "decoder": decoded, "predicted": dropped if weight else 0}
 
     decoder = {"dual": "running_cell", "encoder_only": "none"}[variant]
-    g = torch.Generator().manual_seed(spec.seed)
     enc, dec = make_masks(spec.batch, model.grid, spec.encoder_mask, spec.encoder_ratio, decoder, spec.decoder_ratio, g)
     visible, predicted = int((~enc[0]).sum()), int(dec[0].sum())
     if real:
@@ -122,34 +171,49 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
 
 def param_split(model: nn.Module) -> dict:
     """Encoder / decoder / other parameters; for the fine-tune model the encoder is its trunk
-    (patch embedding and blocks) and whatever follows it is 'other'."""
+    (patch embedding and blocks), the decoder its reconstruction branch (MAR) if any, and the
+    head (linear or bridging) is 'other'."""
     total = count_params(model)
     if isinstance(model, VideoMAEPretrain):
         enc, dec = count_params(model.encoder), count_params(model.decoder)
     else:
-        enc, dec = count_params(model.patch_embed) + count_params(model.blocks), 0
+        enc = count_params(model.patch_embed) + count_params(model.blocks)
+        dec = count_params(model.reconstruction) if model.reconstruction is not None else 0
     # "other": the encoder-to-decoder projection and mask token, or the fine-tune head.
     return {"total": total, "encoder": enc, "decoder": dec, "other": total - enc - dec}
 
 
 def flop_split(summary: dict, model: nn.Module) -> dict:
-    """FLOPs total / encoder / decoder / other (+ the attention matmuls within them)."""
+    """FLOPs total / encoder / decoder / other (+ the attention matmuls within them).
+
+    For the fine-tune model: encoder = patch embedding + blocks, decoder = the reconstruction
+    branch (MAR), other = the head (bridging blocks, fc_norm, linear)."""
     root = type(model).__name__
     mods = summary["modules"]
     if isinstance(model, VideoMAEPretrain):
         enc, dec = mods.get(f"{root}.encoder", 0), mods.get(f"{root}.decoder", 0)
     else:  # the trunk: patch embedding and the top-level blocks (a ModuleList is never called itself)
         trunk = [f"{root}.patch_embed"] + [f"{root}.blocks.{i}" for i in range(len(model.blocks))]
-        enc, dec = sum(mods.get(name, 0) for name in trunk), 0
+        enc, dec = sum(mods.get(name, 0) for name in trunk), mods.get(f"{root}.reconstruction", 0)
     attention = sum(v for op, v in summary["ops"].items() if "attention" in op)
     return {"total": summary["total"], "encoder": enc, "decoder": dec, "other": summary["total"] - enc - dec,
             "attention": attention}
 
 
+def classifier_forward_flops(model: VideoClassifier, video: torch.Tensor, drop_mask: torch.Tensor | None) -> dict[str, int]:
+    """Forward FLOPs of one fine-tune batch (no grad), split into encoder (patch embedding +
+    blocks), head (bridge, fc_norm, linear) and the reconstruction branch when it runs.
+    CPU fused attention is counted (`counting.flop_counter`). Used by bench/finetune_step.py."""
+    reconstruct = drop_mask is not None and model.reconstruction is not None
+    with torch.no_grad():
+        split = flop_split(count_flops(lambda: model(video, drop_mask, reconstruct=reconstruct)), model)
+    return {"total": split["total"], "encoder": split["encoder"], "head": split["other"], "reconstruction": split["decoder"]}
+
+
 def count_variant(variant: str, spec: CompareSpec, device: str = "meta") -> dict:
     """Parameters, FLOPs and saved bytes of one variant, counted on meta tensors (or, to check
     that meta counting is faithful, on a real device)."""
-    out: dict = {"description": VARIANTS[variant]}
+    out: dict = {"description": describe(variant, spec)}
     for checkpointing in (False, True):
         model, forward, tokens = make_step(variant, spec, device)
         model.set_grad_checkpointing(checkpointing)
@@ -218,6 +282,23 @@ def reference_check(spec: CompareSpec, variants: dict) -> dict | None:
     return out
 
 
+def mar_savings(spec: CompareSpec, variants: dict) -> dict | None:
+    """Each MAR variant against the unmasked fine-tune step: ratios of forward FLOPs (encoder,
+    head, total) and of the bytes saved for backward."""
+    if not spec.finetune:
+        return None
+    base = variants["unmasked"]
+    out = {}
+    for name in mar_variants(spec):
+        v = variants[name]
+        out[name] = {
+            **{f"forward_flops_{part}": v["forward_flops"][part] / base["forward_flops"][part]
+               for part in ("encoder", "other", "total")},
+            **{f"saved_bytes_{key}": v["saved_bytes"][key] / base["saved_bytes"][key] for key in ("plain", "checkpointing")},
+        }
+    return out
+
+
 def run_compare(spec: CompareSpec, device: str | None = None, log=print) -> dict:
     """Count (and where possible time) every variant; returns the result dict written as JSON."""
     validate(spec)
@@ -247,4 +328,5 @@ def run_compare(spec: CompareSpec, device: str | None = None, log=print) -> dict
                     "saved_tensors_hooks (unique storages, parameters excluded), on meta tensors, fp32",
         "variants": variants,
         "reference": reference_check(spec, variants),
+        "mar_over_unmasked": mar_savings(spec, variants),
     }

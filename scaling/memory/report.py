@@ -1,4 +1,8 @@
-"""Outputs of `scaling memory compare`: terminal table, JSON, PNG chart, MLflow run."""
+"""Outputs of `scaling memory compare`: terminal table, JSON, PNG chart, MLflow run.
+
+Columns are variants; "decoder" is the pre-training decoder or, for the fine-tune variants,
+MAR's reconstruction branch; "other" is the encoder-to-decoder projection or the
+classifier head (linear, or bridging blocks + linear)."""
 from __future__ import annotations
 
 import json
@@ -26,8 +30,10 @@ def table(result: dict) -> str:
     row("tokens encoder / decoder", lambda v: f"{v['tokens']['encoder']} / {v['tokens']['decoder']}")
     row("params total (M)", lambda v: f"{v['params']['total'] / 1e6:.2f}")
     row("  encoder / decoder (M)", lambda v: f"{v['params']['encoder'] / 1e6:.2f} / {v['params']['decoder'] / 1e6:.2f}")
+    row("  other: head, enc->dec (M)", lambda v: f"{v['params']['other'] / 1e6:.2f}")
     row("forward GMACs total", lambda v: _g(v["forward_macs"]["total"]))
     row("  encoder / decoder", lambda v: f"{_g(v['forward_macs']['encoder'])} / {_g(v['forward_macs']['decoder'])}")
+    row("  other: head, enc->dec", lambda v: _g(v["forward_macs"]["other"]))
     row("  attention matmuls", lambda v: _g(v["forward_macs"]["attention"]))
     row("forward GFLOPs", lambda v: _g(v["forward_flops"]["total"]))
     row("backward GFLOPs", lambda v: _g(v["backward_flops"]["plain"]["total"]))
@@ -47,6 +53,10 @@ def table(result: dict) -> str:
     cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
     lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))]
     lines += [label.ljust(width) + "  " + "  ".join(x.rjust(c) for x, c in zip(vals, cols)) for label, vals in rows]
+    for name, r in (result.get("mar_over_unmasked") or {}).items():
+        lines.append(f"{name} / unmasked: forward FLOPs encoder x{r['forward_flops_encoder']:.3f}, "
+                     f"total x{r['forward_flops_total']:.3f}; saved bytes "
+                     f"x{r['saved_bytes_plain']:.3f} (x{r['saved_bytes_checkpointing']:.3f} with checkpointing)")
     skipped = {v["step_time"].get("skipped") for v in variants.values()} - {None}
     lines += [f"step time: {s}" for s in skipped]
     host = result["host"]
@@ -87,10 +97,11 @@ def chart(result: dict, path: Path) -> Path:
 
     ax = axes[0]
     bottom = [0.0] * len(names)
-    for part, color in (("encoder", "tab:blue"), ("decoder", "tab:orange"), ("other", "tab:gray")):
+    for part, color in (("encoder", "tab:blue"), ("decoder", "tab:orange"), ("other", "tab:gray")):  # other: head
         for phase, hatch in (("forward", ""), ("backward", "//")):
             vals = [(v["forward_flops"] if phase == "forward" else v["backward_flops"]["plain"])[part] / 1e9 for v in variants.values()]
-            ax.bar(x, vals, bottom=bottom, color=color, hatch=hatch, edgecolor="white", label=f"{part} {phase}")
+            label = f"{'other (head)' if part == 'other' else part} {phase}"
+            ax.bar(x, vals, bottom=bottom, color=color, hatch=hatch, edgecolor="white", label=label)
             bottom = [b + y for b, y in zip(bottom, vals)]
     for i, top in enumerate(bottom):
         ax.annotate(f"{top:.0f}" if top >= 10 else f"{top:.3g}", (i, top), ha="center", va="bottom", fontsize=8)
@@ -108,20 +119,25 @@ def chart(result: dict, path: Path) -> Path:
 
     ax = axes[2]
     times = [(v["step_time"].get("plain") or {}).get("median_s", 0.0) for v in variants.values()]
+    rotation = 25 if len(names) > 3 else 0  # longer rows of names (fine-tune variants) would overlap
     for ax in axes[:2]:
-        ax.set_xticks(list(x), names)
+        ax.set_xticks(list(x), names, rotation=rotation, ha="right" if rotation else "center")
     ax = axes[2]
     if any(times):
         ax.bar_label(ax.bar(x, times, color="tab:green"), fmt="%.2f", fontsize=8)
-        ax.set_xticks(list(x), names)
+        ax.set_xticks(list(x), names, rotation=rotation, ha="right" if rotation else "center")
         ax.set_title(f"step time (s), {result['device']}, load {result['host']['load_avg_1m_before']:.1f}")
     else:
         reason = next((v["step_time"].get("skipped") for v in variants.values() if v["step_time"].get("skipped")), "")
         ax.axis("off")
         ax.text(0.5, 0.5, "step time not measured:\n" + textwrap.fill(reason, 45), ha="center", va="center", wrap=True)
     s = result["spec"]
+    finetune = ""
+    if s.get("finetune"):
+        rec = f", reconstruction x{s['finetune_reconstruction']}" if s["finetune_reconstruction"] > 0 else ""
+        finetune = f"  |  fine-tune: MAR drops {s['finetune_ratio']:.0%}{rec}"
     fig.suptitle(f"{s['model']}  {s['frames']}x{s['input_size']}  batch {s['batch']}  "
-                 f"{s['encoder_mask']} {s['encoder_ratio']} / running cell {s['decoder_ratio']}")
+                 f"{s['encoder_mask']} {s['encoder_ratio']} / running cell {s['decoder_ratio']}{finetune}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -146,12 +162,15 @@ def metrics(result: dict) -> dict:
                     out[f"{name}.peak_cuda_bytes.{key}"] = t["peak_cuda_bytes"]
     for name, parts in (result.get("reference") or {}).items():
         out.update({f"{name}.reference_error_pct.{part}": p["error_pct"] for part, p in parts.items()})
+    for name, ratios in (result.get("mar_over_unmasked") or {}).items():
+        out.update({f"{name}.over_unmasked.{k}": r for k, r in ratios.items()})
     return out
 
 
 def log_mlflow(result: dict, files: list[Path], tracking_uri: str, experiment: str) -> str:
     """One MLflow run with the spec as params, the numbers as metrics, the files as artifacts."""
-    tracker = MLflowTracker(tracking_uri, experiment, run_name=f"memory-compare-{result['spec']['model']}",
+    suffix = "-finetune" if result["spec"].get("finetune") else ""
+    tracker = MLflowTracker(tracking_uri, experiment, run_name=f"memory-compare-{result['spec']['model']}{suffix}",
                             tags={"scaling.command": "memory compare"})
     try:
         tracker.log_params({**flatten(result["spec"]), "device": result["device"], "torch": result["torch"]})
