@@ -270,3 +270,15 @@ def test_smoke_mar_recipe_builds_the_mar_finetune_model():
     assert stages["postpretrain"].model.head == "linear" and stages["postpretrain"].mask.finetune == "none"
     model = classifier_for(mar)
     assert model.bridge is not None and model.reconstruction is not None and model.head_drop.p == 0.1
+
+
+def test_activation_checkpointing_covers_the_bridging_blocks():
+    from scaling.memory.counting import saved_tensor_bytes
+
+    model = build_classifier("debug", 4, 16, 64, head="bridging").train()
+    video = torch.randn(2, 3, 16, 64, 64)
+    model.set_grad_checkpointing(True)
+    assert model.bridge.grad_checkpointing
+    everything = saved_tensor_bytes(lambda: model(video))
+    model.bridge.grad_checkpointing = False  # encoder checkpointed, bridge not
+    assert saved_tensor_bytes(lambda: model(video)) > everything

@@ -67,12 +67,11 @@ class BridgingBlocks(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_width, shape.width, bias=False)
         self.blocks = nn.ModuleList(Block(shape.width, shape.heads, shape.mlp_ratio) for _ in range(shape.depth))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, N, 512)
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 class ReconstructionBranch(nn.Module):
@@ -163,8 +162,9 @@ class VideoClassifier(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-        if self.reconstruction is not None:
-            self.reconstruction.decoder.grad_checkpointing = enable
+        for part in (self.bridge, getattr(self.reconstruction, "decoder", None)):
+            if part is not None:
+                part.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         # The only position table is a buffer and there is no cls token; the decoder's mask
