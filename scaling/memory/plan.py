@@ -1,0 +1,482 @@
+"""`scaling memory plan`: will a model size fit on given GPUs, and with what micro-batch?
+
+Per GPU at the step's peak, in bytes:
+
+    model states      DeepSpeed's own estimate (what `estimate_zero3_model_states_mem_needs_all_cold`
+                      and `estimate_zero2_model_states_mem_needs_all_cold` print), re-derived here
+                      from named per-parameter byte counts and tested to agree exactly
+  + extras            what that estimate leaves out but a run allocates, each named with its reason
+                      (stage 1's unpartitioned gradients, ZeRO-3's 16-bit partition and the gathered
+                      parameters it keeps for reuse, the gradient reduce bucket)
+  + max(activations, optimizer temporaries)
+                      activations: clips x (bytes autograd saves for backward, counted on the real
+                      model + the clip and its target + under checkpointing one block recomputed);
+                      they are freed before the optimizer step, whose temporaries take their place
+  + reserve           CUDA context, NCCL and allocator slack: a flat guess (--reserve-gb), not measured
+
+Activations are counted, not modelled: the project's own model, masks and loss run on meta
+tensors (`counting.meta_counting`, the GPU code path), on 1- and 2-block models extrapolated per
+block; for CPU ranks such as this box's, one real block per stack adds what fp32 attention saves.
+bench/plan_validate.py compares the prediction with the peak RSS of real 2-rank ZeRO-3 runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.masking import make_masks, running_cell_maps
+from scaling.memory.counting import SavedTensors, meta_counting
+from scaling.models.pretrain import VideoMAEPretrain
+from scaling.models.vit import Block, ViTSize, get_size, num_tokens
+
+GiB = 2**30
+MASKINGS = {"dual": "running_cell", "encoder_only": "none"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OFFLOAD = ("none", "cpu", "nvme")
+# DeepSpeed's defaults for the ZeRO settings the extras depend on (deepspeed/runtime/zero/config.py).
+ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                 "contiguous_gradients": True, "sub_group_size": 1e9}
+
+
+class PlanError(ValueError):
+    """A setting the user can fix; the message is one sentence naming it and the fix."""
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    model: str = "vit_g"
+    masking: str = "dual"  # dual (VideoMAE V2) | encoder_only (VideoMAE)
+    checkpointing: bool = True
+    precision: str = "bf16"
+    zero_stage: int = 3
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_params: str = "none"  # none | cpu | nvme (ZeRO-3 only)
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_memory_gb: float = 80.0  # GiB
+    frames: int = 16
+    input_size: int = 224
+    encoder_ratio: float = 0.9
+    decoder_ratio: float = 0.5
+    reserve_gb: float = 2.0
+    device: str = "gpu"  # whose code path and memory: gpu, or cpu (this box: GPU memory = host RAM)
+    ds_config: str = "ds_configs/zero3_bf16.json"
+    micro_batch: int = 0  # clips per GPU to show the total for; 0 = only the largest that fits
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+def validate(spec: PlanSpec) -> None:
+    try:
+        grid = num_tokens(get_size(spec.model), spec.frames, spec.input_size)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    checks = [
+        (spec.masking in MASKINGS, f"unknown masking '{spec.masking}': choose dual or encoder_only"),
+        (spec.precision in DTYPES, f"unknown precision '{spec.precision}': choose bf16, fp16 or fp32"),
+        (spec.zero_stage in (1, 2, 3), f"ZeRO stage {spec.zero_stage} does not exist: choose 1, 2 or 3"),
+        (spec.offload_optimizer in OFFLOAD and spec.offload_params in OFFLOAD,
+         f"unknown offload '{spec.offload_optimizer}/{spec.offload_params}': choose none, cpu or nvme"),
+        (spec.offload_optimizer != "nvme" or spec.zero_stage == 3,
+         f"NVMe offload needs ZeRO stage 3 (ZeRO-Infinity), not stage {spec.zero_stage}: use --zero-stage 3 or --offload-optimizer cpu"),
+        (spec.offload_params == "none" or spec.zero_stage == 3,
+         f"parameter offload needs ZeRO stage 3, not stage {spec.zero_stage}: use --zero-stage 3 or --offload-params none"),
+        (spec.offload_params == "none" or spec.offload_optimizer != "none",
+         "parameter offload without optimizer offload is not a DeepSpeed set-up: add --offload-optimizer cpu or nvme"),
+        (spec.gpus_per_node >= 1 and spec.nodes >= 1, "--gpus-per-node and --nodes must be at least 1"),
+        (spec.gpu_memory_gb > 0 and spec.reserve_gb >= 0, "--gpu-memory-gb must be positive and --reserve-gb not negative"),
+        (0 < spec.encoder_ratio < 1, f"--encoder-ratio {spec.encoder_ratio} must be in (0, 1), e.g. 0.9"),
+        (spec.device in ("gpu", "cpu"), f"unknown device '{spec.device}': choose gpu or cpu"),
+        (spec.micro_batch >= 0, "--micro-batch must be 0 (largest that fits) or a clip count"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PlanError(message)
+    try:
+        running_cell_maps(grid, spec.decoder_ratio)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    zero_settings(spec.ds_config)
+
+
+def zero_settings(ds_config: str) -> dict:
+    """The ZeRO settings the extras depend on, from a ds_configs/*.json (DeepSpeed's defaults
+    where it sets none)."""
+    from scaling.config import ConfigError, resolve_ds_config
+
+    try:
+        zero = json.loads(resolve_ds_config(ds_config).read_text()).get("zero_optimization", {})
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    return {k: zero.get(k, v) for k, v in ZERO_DEFAULTS.items()}
+
+
+# ---------------------------------------------------------------- parameters and model states
+
+@lru_cache(maxsize=None)
+def param_counts(model: str, frames: int = 16, input_size: int = 224) -> dict:
+    """Total parameters and the largest layer (most parameters held directly by one module),
+    as DeepSpeed's `model_to_params` counts them; built on meta, so free for any size."""
+    with torch.device("meta"):
+        m = VideoMAEPretrain(get_size(model), frames, input_size)
+    total = sum(p.numel() for p in m.parameters())
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
+    return {"total": total, "largest_layer": largest}
+
+
+def state_bytes(precision: str) -> dict:
+    """Bytes per parameter of each model state. 16-bit training keeps 16-bit params and grads for
+    compute plus an fp32 gradient, fp32 master weights and Adam's two fp32 moments for the
+    optimizer: 2 + 2 + 4 + 4 + 8 (DeepSpeed's "18 = 2 grads16 + 4 grads32 + 4 params32 + 8
+    optimizer states" plus the 16-bit params). fp32 training has no copies: 4 + 4 + 8."""
+    if precision == "fp32":
+        return {"param": 4, "grad": 4, "grad32": 0, "master": 0, "adam": 8}
+    return {"param": 2, "grad": 2, "grad32": 4, "master": 4, "adam": 8}
+
+
+def model_states(total: int, largest: int, precision: str, stage: int, offload_optimizer: str, offload_params: str,
+                 gpus_per_node: int, nodes: int, buffer_factor: float = 1.5) -> dict:
+    """{"gpu": bytes per GPU, "host_per_node": bytes}, with DeepSpeed's estimator assumptions.
+
+    Stages 1 and 2 share DeepSpeed's one estimate: 16-bit params replicated, the rest
+    partitioned. ZeRO-3 partitions the same optimizer-side bytes and gathers one layer (its
+    16-bit params and grads) at a time; built under `zero.Init` (as the project does), the host
+    holds one fp32 layer per GPU while building. Host figures carry DeepSpeed's 1.5 buffer
+    factor. NVMe counts as CPU offload here (same GPU side; its host side is an upper bound).
+    The float expressions follow DeepSpeed's order so that the results agree to the byte.
+    """
+    b = state_bytes(precision)
+    optimizer_side = b["grad"] + b["grad32"] + b["master"] + b["adam"]  # 18 for 16-bit
+    # What offloading moves off the GPU: the optimizer's fp32 side (16 for 16-bit training).
+    offloaded = b["grad32"] + b["master"] + b["adam"] if b["master"] else b["grad"] + b["adam"]
+    gpus = nodes * gpus_per_node
+    fp32 = 4  # DeepSpeed builds in fp32 before converting
+    if stage in (1, 2):
+        if offload_optimizer != "none":
+            gpu = b["param"] * total
+            host = total * max(fp32 * gpus, offloaded) * buffer_factor
+        else:
+            gpu = b["param"] * total + int(optimizer_side * total / gpus)
+            host = total * fp32 * gpus_per_node * buffer_factor
+        return {"gpu": int(gpu), "host_per_node": int(host)}
+    layer = (b["param"] + b["grad"]) * largest  # one gathered layer: params + grads
+    if offload_optimizer != "none" and offload_params != "none":
+        gpu, host = layer, total * (offloaded + b["param"]) * (1 / nodes) * buffer_factor
+    elif offload_optimizer != "none":
+        gpu, host = layer + int(b["param"] * total / gpus), total * offloaded * (1 / nodes) * buffer_factor
+    else:
+        gpu, host = layer + int(optimizer_side * total / gpus), largest * fp32 * gpus_per_node * buffer_factor
+    return {"gpu": int(gpu), "host_per_node": int(host)}
+
+
+def deepspeed_estimate(total: int, largest: int, stage: int, offload_optimizer: str, offload_params: str,
+                       gpus_per_node: int, nodes: int) -> dict:
+    """DeepSpeed's own numbers (the functions its `..._all_cold`/`..._all_live` helpers print),
+    for the same set-up; they assume 16-bit mixed precision and know no NVMe (read as CPU)."""
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, gpus_per_node, nodes, cpu_offload=offload_optimizer != "none",
+            cpu_offload_params=offload_params != "none", zero_init=True)
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        host, gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, cpu_offload=offload_optimizer != "none")
+    return {"gpu": gpu, "host_per_node": host}
+
+
+def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
+    """What a run holds beyond DeepSpeed's estimate, as {"name", "bytes", "where", "why"}.
+    `where` is "gpu" or "host" (per rank); on the CPU device both are the same RAM."""
+    b, G, stage = state_bytes(spec.precision), spec.gpus, spec.zero_stage
+    out = []
+
+    def add(name, nbytes, where, why):
+        out.append({"name": name, "bytes": int(nbytes), "where": where, "why": why})
+
+    if stage == 1:
+        add(f"unpartitioned {spec.precision} gradients", b["grad"] * total - (0 if spec.offload_optimizer != "none" else b["grad"] * total // G),
+            "gpu", "ZeRO-1 keeps every gradient until the reduce; DeepSpeed's one ZeRO-1/2 estimate partitions them")
+    if stage == 3:
+        if spec.offload_optimizer == "none":
+            add(f"{spec.precision} parameter partition", b["param"] * total / G, "gpu", "ZeRO-3's own shard of the params: "
+                "the estimate's 18 bytes/param leave it out (its ZeRO-2 and its optimizer-offload counts have it)")
+        elif spec.offload_params != "none" and spec.device == "cpu":
+            add(f"{spec.precision} parameter partition, in RAM", b["param"] * total / G, "host",
+                "offloaded params: on this box the offload target is the same RAM")
+        # A gathered parameter stays gathered when the trace reuses it within max_reuse_distance
+        # parameters. Forward then backward puts the layer at depth x (in parameters) 2 (P - x)
+        # apart from its own reuse, so the last reuse_distance / 2 parameters stay gathered,
+        # capped by max_live_parameters. From the second step on (the first one records the trace).
+        kept = min(total, zero["stage3_max_reuse_distance"] / 2, zero["stage3_max_live_parameters"])
+        add("gathered params kept for reuse", max(0.0, b["param"] * (kept - largest)), "gpu",
+            f"stage3_max_reuse_distance {zero['stage3_max_reuse_distance']:.0e} keeps the last {kept / 1e6:.0f} M "
+            f"params gathered between forward and backward (beyond the estimate's one layer)")
+    if stage >= 2 and zero["contiguous_gradients"] and spec.offload_optimizer == "none":
+        bucket = zero["reduce_bucket_size"]
+        # The GPU allocator reserves the whole bucket; on the CPU only the pages written count.
+        used = bucket if spec.device == "gpu" else min(bucket, total)
+        add("gradient reduce bucket", b["grad"] * used, "gpu", f"contiguous_gradients: one reduce_bucket_size "
+            f"({bucket:.0e}) buffer of gradients")
+    if spec.device == "cpu" and spec.offload_optimizer != "none":
+        per_rank = (b["grad32"] + b["master"] + b["adam"]) * total / G
+        if spec.offload_optimizer == "nvme":
+            # ZeRO-Infinity swaps one optimizer sub-group at a time in and out of NVMe.
+            per_rank = min(per_rank, (b["grad32"] + b["master"] + b["adam"]) * zero["sub_group_size"])
+        add(f"optimizer states offloaded to {spec.offload_optimizer}, in RAM", per_rank, "host",
+            "on this box the offload target is the same RAM" if spec.offload_optimizer == "cpu" else
+            "one sub_group_size of fp32 master, moments and gradient swapped in at a time")
+    return out
+
+
+def optimizer_temporaries(spec: PlanSpec, total: int, zero: dict) -> int:
+    """Scratch of torch's AdamW at the step, on the optimizer's device: one fp32 tensor per
+    partition element with the foreach implementation (GPU), two with the single-tensor one
+    (CPU: `exp_avg_sq.sqrt() / bias_correction` holds both). ZeRO-3 steps one sub-group at a time."""
+    if spec.offload_optimizer != "none" and spec.device == "gpu":
+        return 0  # on the host
+    part = total / spec.gpus
+    if spec.zero_stage == 3:
+        part = min(part, zero["sub_group_size"])
+    return int((4 if spec.device == "gpu" else 8) * part)
+
+
+# ---------------------------------------------------------------- activations
+
+def _step_saved_bytes(size: ViTSize, frames: int, input_size: int, masking: str, precision: str,
+                      checkpointing: bool, device: str, batch: int, encoder_ratio: float, decoder_ratio: float) -> int:
+    """Bytes autograd saves for backward in one forward + loss of the real pre-training model:
+    on meta tensors (`device="meta"`, the GPU path) or real ones. Parameters and buffers excluded."""
+    dtype = DTYPES[precision]
+    with torch.device(device):
+        model = VideoMAEPretrain(size, frames, input_size).to(dtype)
+        video = torch.empty(batch, 3, frames, input_size, input_size, dtype=dtype)
+    if device != "meta":
+        video.normal_(generator=torch.Generator(device).manual_seed(0))
+    model.train()
+    model.set_grad_checkpointing(checkpointing)
+    g = torch.Generator().manual_seed(0)
+    # Masks stay real CPU tensors: the model turns them into index lists (see meta_counting).
+    enc, dec = make_masks(batch, model.grid, "tube", encoder_ratio, MASKINGS[masking], decoder_ratio, g)
+    saved = SavedTensors(exclude=[*model.parameters(), *model.buffers()])
+    with meta_counting(), saved:
+        target = normalized_pixel_target(video, size.patch, size.tubelet)
+        masked_reconstruction_loss(model(video, enc, dec), target, enc, dec)
+    return saved.bytes
+
+
+def _block_saved_bytes(width: int, heads: int, mlp_ratio: float, tokens: int, precision: str, device: str) -> int:
+    """Bytes one lone transformer block saves for backward on (1, tokens, width)."""
+    dtype = DTYPES[precision]
+    with torch.device(device):
+        block = Block(width, heads, mlp_ratio).to(dtype)
+        x = torch.zeros(1, tokens, width, dtype=dtype, requires_grad=True)
+    saved = SavedTensors(exclude=list(block.parameters()))
+    with meta_counting(), saved:
+        block(x)
+    return saved.bytes
+
+
+@lru_cache(maxsize=None)
+def activation_profile(model: str | ViTSize, masking: str, precision: str, device: str = "gpu", frames: int = 16,
+                       input_size: int = 224, encoder_ratio: float = 0.9, decoder_ratio: float = 0.5) -> dict:
+    """Activation bytes per clip of one set-up, with and without activation checkpointing.
+
+    Counted on meta tensors, which take the GPU code path. Every block of a stack saves the
+    same, so a 1+1-block model and one a block deeper in the encoder or the decoder give the
+    whole model exactly (tests check it against the full count). On the CPU, attention runs in
+    fp32 (models/vit.py) and saves more: that difference is measured on one real block of each
+    stack and added per block (a real full-size CPU forward would cost minutes: bf16 Conv3d).
+    Returns bytes per clip: saved (plain / checkpointing), encoder and decoder block, the clip
+    + target the loop holds, and the token counts the per-token figures divide by.
+    """
+    size = get_size(model) if isinstance(model, str) else model
+
+    def saved(enc_depth: int, dec_depth: int, ckpt: bool) -> int:
+        shape = dataclasses.replace(size, depth=enc_depth, decoder_depth=dec_depth)
+        return _step_saved_bytes(shape, frames, input_size, masking, precision, ckpt, "meta", 1, encoder_ratio, decoder_ratio)
+
+    t, h, w = num_tokens(size, frames, input_size)
+    n = t * h * w
+    enc, dec = make_masks(1, (t, h, w), "tube", encoder_ratio, MASKINGS[masking], decoder_ratio, torch.Generator().manual_seed(0))
+    visible, decoded = int((~enc[0]).sum()), int(dec[0].sum())
+    stacks = {"encoder_block": (size.width, size.heads, size.depth, visible),
+              "decoder_block": (size.decoder_width, size.decoder_heads, size.decoder_depth, visible + decoded)}
+    out = {}
+    for ckpt in (False, True):
+        base = saved(1, 1, ckpt)
+        blocks = {"encoder_block": saved(2, 1, ckpt) - base, "decoder_block": saved(1, 2, ckpt) - base}
+        total = base + sum((depth - 1) * blocks[k] for k, (_, _, depth, _) in stacks.items())
+        if device == "cpu" and not ckpt:  # under checkpointing a block keeps only its input either way
+            for k, (width, heads, depth, tokens) in stacks.items():
+                extra = (_block_saved_bytes(width, heads, size.mlp_ratio, tokens, precision, "cpu")
+                         - _block_saved_bytes(width, heads, size.mlp_ratio, tokens, precision, "meta"))
+                blocks[k] += extra
+                total += depth * extra
+        out["checkpointing" if ckpt else "plain"] = total
+        if not ckpt:
+            out.update(blocks)
+    out["tokens"] = {"encoder": visible, "decoder": visible + decoded, "predicted": decoded}
+    out["per_token"] = {"encoder_block": out["encoder_block"] / visible, "decoder_block": out["decoder_block"] / (visible + decoded)}
+    # The training loop holds the fp32 clip and its fp32 normalized-pixel target (B, N, 2*p*p*3).
+    out["inputs"] = 4 * 3 * frames * input_size * input_size + 4 * n * size.tubelet * size.patch**2 * 3
+    return out
+
+
+def per_clip(profile: dict, checkpointing: bool) -> int:
+    """Activation bytes per clip at the backward peak: what is saved, the loop's inputs, and
+    under checkpointing the activations of the one block being recomputed."""
+    recompute = max(profile["encoder_block"], profile["decoder_block"]) if checkpointing else 0
+    return profile["checkpointing" if checkpointing else "plain"] + profile["inputs"] + recompute
+
+
+# ---------------------------------------------------------------- the plan
+
+def largest_micro_batch(budget: int, fixed: int, clip: int, optimizer_scratch: int) -> int:
+    """Most clips with fixed + max(clips x clip, optimizer scratch) <= budget (0: nothing fits)."""
+    if fixed + optimizer_scratch > budget or fixed + clip > budget:
+        return 0
+    return (budget - fixed) // clip
+
+
+def plan(spec: PlanSpec) -> dict:
+    validate(spec)
+    counts = param_counts(spec.model, spec.frames, spec.input_size)
+    total, largest = counts["total"], counts["largest_layer"]
+    zero = zero_settings(spec.ds_config)
+    states = model_states(total, largest, spec.precision, spec.zero_stage, spec.offload_optimizer, spec.offload_params,
+                          spec.gpus_per_node, spec.nodes)
+    ds = deepspeed_estimate(total, largest, spec.zero_stage, spec.offload_optimizer, spec.offload_params,
+                            spec.gpus_per_node, spec.nodes)
+    more = extras(spec, total, largest, zero)
+    counted = ("gpu", "host") if spec.device == "cpu" else ("gpu",)
+    fixed = states["gpu"] + sum(e["bytes"] for e in more if e["where"] in counted)
+    scratch = optimizer_temporaries(spec, total, zero)
+    budget = int(spec.gpu_memory_gb * GiB) - int(spec.reserve_gb * GiB)
+    rows = []
+    for masking in MASKINGS:
+        profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
+                                     spec.encoder_ratio, spec.decoder_ratio)
+        for ckpt in (False, True):
+            clip = per_clip(profile, ckpt)
+            rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": profile["checkpointing" if ckpt else "plain"],
+                         "activation_per_clip": clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
+                         "selected": masking == spec.masking and ckpt == spec.checkpointing})
+    chosen = next(r for r in rows if r["selected"])
+    result = {
+        "spec": dataclasses.asdict(spec),
+        "params": counts,
+        "model_states": {"planner": states, "deepspeed_estimator": ds if spec.precision != "fp32" else None,
+                         "agree": states == ds if spec.precision != "fp32" else None},
+        "extras": more,
+        "optimizer_temporaries": scratch,
+        "fixed_per_gpu": fixed,
+        "reserve": int(spec.reserve_gb * GiB),
+        "budget_per_gpu": budget,
+        "activations": {m: activation_profile(spec.model, m, spec.precision, spec.device, spec.frames, spec.input_size,
+                                              spec.encoder_ratio, spec.decoder_ratio) for m in MASKINGS},
+        "fits": rows,
+        "largest_micro_batch": chosen["largest_micro_batch"],
+    }
+    if spec.micro_batch:
+        result["at_micro_batch"] = {"clips": spec.micro_batch, **peak(result, spec.micro_batch)}
+    return result
+
+
+def peak(result: dict, clips: int, masking: str | None = None, checkpointing: bool | None = None) -> dict:
+    """Predicted peak per GPU (without the reserve) for `clips` per GPU, by phase."""
+    spec = result["spec"]
+    row = next(r for r in result["fits"] if r["masking"] == (masking or spec["masking"])
+               and r["checkpointing"] == (spec["checkpointing"] if checkpointing is None else checkpointing))
+    backward = result["fixed_per_gpu"] + clips * row["activation_per_clip"]
+    step = result["fixed_per_gpu"] + result["optimizer_temporaries"]
+    return {"forward_backward": backward, "optimizer_step": step, "peak": max(backward, step),
+            "fits": max(backward, step) <= result["budget_per_gpu"]}
+
+
+# ---------------------------------------------------------------- output and CLI
+
+def table(result: dict) -> str:
+    s, c = result["spec"], result["params"]
+    gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
+    offload = f", offload optimizer={s['offload_optimizer']} params={s['offload_params']}" if s["offload_optimizer"] != "none" else ""
+    lines = [f"{s['model']}: {c['total'] / 1e6:.1f} M params (largest layer {c['largest_layer'] / 1e6:.2f} M), {s['precision']}, "
+             f"ZeRO-{s['zero_stage']}{offload}, {s['gpus_per_node']} GPUs x {s['nodes']} node(s), "
+             f"{s['gpu_memory_gb']:g} GiB per GPU, {s['frames']}x{s['input_size']}",
+             f"activations counted on the {'GPU code path (meta tensors)' if s['device'] == 'gpu' else 'CPU code path (real tensors)'}",
+             "", "per GPU                                          GiB"]
+    ms, ds = result["model_states"]["planner"], result["model_states"]["deepspeed_estimator"]
+    lines.append(f"  model states (DeepSpeed's assumptions)    {gib(ms['gpu'])}   host per node {ms['host_per_node'] / GiB:.2f}")
+    if ds is not None:
+        lines.append(f"    DeepSpeed estimator says                {gib(ds['gpu'])}   host per node {ds['host_per_node'] / GiB:.2f}")
+    for e in result["extras"]:
+        lines.append(f"  + {e['name'] + (' (host)' if e['where'] == 'host' else ''):<39s}{gib(e['bytes'])}")
+    lines.append(f"  = fixed                                   {gib(result['fixed_per_gpu'])}")
+    lines.append(f"  optimizer-step scratch (not with acts)    {gib(result['optimizer_temporaries'])}")
+    lines.append(f"  reserve (CUDA context, allocator slack)   {gib(result['reserve'])}")
+    lines += ["", "masking       checkpointing  saved/clip MiB  peak act/clip MiB  largest micro-batch (clips/GPU)"]
+    for r in result["fits"]:
+        mark = "  <-" if r["selected"] else ""
+        lines.append(f"{r['masking']:<13s} {'yes' if r['checkpointing'] else 'no':<14s} {r['saved_per_clip'] / 2**20:14.1f} "
+                     f"{r['activation_per_clip'] / 2**20:18.1f}  {r['largest_micro_batch']:>10d}{mark}")
+    if "at_micro_batch" in result:
+        a = result["at_micro_batch"]
+        lines.append(f"\nat {a['clips']} clips per GPU: peak {a['peak'] / GiB:.2f} GiB + reserve -> "
+                     f"{'fits' if a['fits'] else 'does NOT fit'} in {s['gpu_memory_gb']:g} GiB")
+    return "\n".join(lines)
+
+
+def cmd_memory_plan(args) -> int:
+    spec = PlanSpec(
+        model=args.model, masking=args.masking, checkpointing=not args.no_checkpointing, precision=args.precision,
+        zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
+        gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb, frames=args.frames,
+        input_size=args.input_size, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
+        reserve_gb=args.reserve_gb, device=args.device, ds_config=args.ds_config, micro_batch=args.micro_batch,
+    )
+    try:
+        result = plan(spec)
+    except PlanError as e:
+        print(f"scaling memory plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    s = sub.add_parser(
+        "plan", help="will a size fit: model states per GPU (vs DeepSpeed's estimator), activations, largest micro-batch",
+        description="Per-GPU memory of ZeRO pre-training: model states with DeepSpeed's estimator assumptions (and its "
+        "own number beside), what that estimate leaves out, activation bytes per clip counted on the real model, and "
+        "the largest micro-batch (clips per GPU) that fits, for dual and encoder-only masking with and without "
+        "activation checkpointing.")
+    s.add_argument("--model", default="vit_g", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
+    s.add_argument("--masking", default="dual", help="dual (VideoMAE V2) or encoder_only (VideoMAE); marks a row")
+    s.add_argument("--no-checkpointing", action="store_true", help="mark the row without activation checkpointing")
+    s.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32")
+    s.add_argument("--zero-stage", type=int, default=3, help="1, 2 or 3")
+    s.add_argument("--offload-optimizer", default="none", help="none, cpu or nvme (nvme: stage 3)")
+    s.add_argument("--offload-params", default="none", help="none, cpu or nvme (stage 3, with optimizer offload)")
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--input-size", type=int, default=224)
+    s.add_argument("--encoder-ratio", type=float, default=0.9)
+    s.add_argument("--decoder-ratio", type=float, default=0.5)
+    s.add_argument("--reserve-gb", type=float, default=2.0, help="per-GPU slack for the CUDA context and allocator (a guess)")
+    s.add_argument("--device", default="gpu", help="gpu, or cpu: plan for CPU ranks like this box's (attention in fp32, RAM)")
+    s.add_argument("--ds-config", default="ds_configs/zero3_bf16.json", help="DeepSpeed JSON whose bucket and reuse settings apply")
+    s.add_argument("--micro-batch", type=int, default=0, help="also show the peak at this many clips per GPU")
+    s.add_argument("--json", action="store_true", help="print the whole plan as JSON instead of the table")
+    s.set_defaults(func=cmd_memory_plan)
