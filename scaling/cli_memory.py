@@ -83,4 +83,7 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("memory", help="compute and memory accounting: what dual masking saves")
     sub = p.add_subparsers(dest="memory_command", required=True)
     add_compare_parser(sub)
+    from scaling.memory.plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
