@@ -7,7 +7,6 @@ import io
 import itertools
 
 import pytest
-import torch
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
 from scaling.memory import plan as P

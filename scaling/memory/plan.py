@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,7 +41,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OFFLOAD = ("none", "cpu", "nvme")
 # DeepSpeed's defaults for the ZeRO settings the extras depend on (deepspeed/runtime/zero/config.py).
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
-                 "contiguous_gradients": True, "sub_group_size": 1e9}
+                 "contiguous_gradients": True, "sub_group_size": 1e9, "buffer_count": 4}
 
 
 class PlanError(ValueError):
@@ -117,7 +116,8 @@ def zero_settings(ds_config: str) -> dict:
         zero = json.loads(resolve_ds_config(ds_config).read_text()).get("zero_optimization", {})
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    return {k: zero.get(k, v) for k, v in ZERO_DEFAULTS.items()}
+    settings = {**zero, **zero.get("offload_optimizer", {})}  # buffer_count lives in offload_optimizer
+    return {k: settings.get(k, v) for k, v in ZERO_DEFAULTS.items()}
 
 
 # ---------------------------------------------------------------- parameters and model states
@@ -222,20 +222,28 @@ def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
         add("gathered params kept for reuse", max(0.0, b["param"] * (kept - largest)), "gpu",
             f"stage3_max_reuse_distance {zero['stage3_max_reuse_distance']:.0e} keeps the last {kept / 1e6:.0f} M "
             f"params gathered between forward and backward (beyond the estimate's one layer)")
-    if stage >= 2 and zero["contiguous_gradients"] and spec.offload_optimizer == "none":
+    if stage >= 2 and zero["contiguous_gradients"]:
         bucket = zero["reduce_bucket_size"]
         # The GPU allocator reserves the whole bucket; on the CPU only the pages written count.
         used = bucket if spec.device == "gpu" else min(bucket, total)
         add("gradient reduce bucket", b["grad"] * used, "gpu", f"contiguous_gradients: one reduce_bucket_size "
             f"({bucket:.0e}) buffer of gradients")
     if spec.device == "cpu" and spec.offload_optimizer != "none":
-        per_rank = (b["grad32"] + b["master"] + b["adam"]) * total / G
-        if spec.offload_optimizer == "nvme":
-            # ZeRO-Infinity swaps one optimizer sub-group at a time in and out of NVMe.
-            per_rank = min(per_rank, (b["grad32"] + b["master"] + b["adam"]) * zero["sub_group_size"])
-        add(f"optimizer states offloaded to {spec.offload_optimizer}, in RAM", per_rank, "host",
-            "on this box the offload target is the same RAM" if spec.offload_optimizer == "cpu" else
-            "one sub_group_size of fp32 master, moments and gradient swapped in at a time")
+        # On this box the offload target is the same RAM: what DeepSpeed keeps on the host counts too.
+        add(f"{spec.precision} gradient partition, in RAM", b["grad"] * total / G, "host",
+            "with the optimizer offloaded, ZeRO keeps its gradient partition where the optimizer steps")
+        if spec.offload_optimizer == "cpu":
+            add("optimizer states offloaded, in RAM", (b["grad32"] + b["master"] + b["adam"]) * total / G, "host",
+                "fp32 gradient, master weights and Adam moments of the partition")
+        else:
+            # ZeRO-Infinity steps one sub-group at a time: its fp32 master, gradient and moments are
+            # read into buffer_count swap buffers, and torch's AdamW makes its moments at the
+            # first step before they are swapped out.
+            sub = min(total / G, zero["sub_group_size"])
+            add("NVMe swap buffers", zero["buffer_count"] * 4 * sub, "host",
+                f"buffer_count ({zero['buffer_count']}) fp32 buffers of one sub-group ({sub / 1e6:.0f} M elements)")
+            add("sub-group fp32 gradient and new Adam moments", (4 + 8) * sub, "host",
+                "the fp32 gradient buffer of a sub-group and the moments AdamW creates before they are swapped out")
     return out
 
 
