@@ -168,5 +168,10 @@ def test_pipeline_submit_says_what_is_wrong_before_submitting(slurm, tmp_path):
     assert "Traceback" not in unknown.stderr and not (tmp_path / "slurm").exists()
     missing = submit(env, pipeline="nope.yaml")
     assert missing.returncode == 2 and "pipeline file 'nope.yaml' does not exist" in missing.stderr
-    no_slurm = submit({**env, "PATH": str(tmp_path)}, f"output_dir={tmp_path}")
+    # A config that validates (its shards exist), on a machine without sbatch.
+    subprocess.run([sys.executable, "-m", "scaling.cli", "synth", "--out", str(tmp_path / "shards"), "--num-videos", "4",
+                    "--per-shard", "4"], check=True, timeout=300)
+    shards = f"{tmp_path}/shards/synth-000000.tar"
+    no_slurm = submit({**env, "PATH": str(tmp_path)}, f"output_dir={tmp_path}", f"defaults.data.shards={shards}",
+                      f"stages.finetune.finetune.val_shards={shards}")
     assert no_slurm.returncode == 2 and "sbatch is not on PATH" in no_slurm.stderr
