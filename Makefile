@@ -14,13 +14,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@# A C++ compiler builds DeepSpeed's shared-memory op on first use; libaio-dev lets its
 	@# async_io op build for NVMe offload; the ffmpeg CLI makes test videos of other codecs.
+	@# A stock Debian/Ubuntu python3 makes no venv without python3-venv (ensurepip).
 	@# Installed only where missing (needs root).
-	@if ! command -v g++ >/dev/null || ! command -v ffmpeg >/dev/null || ! [ -e /usr/include/libaio.h ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq g++ libaio-dev ffmpeg >/dev/null; \
-	  else echo "please install g++, libaio-dev and ffmpeg (apt-get install g++ libaio-dev ffmpeg)"; exit 1; fi; fi
+	@if ! command -v g++ >/dev/null || ! command -v ffmpeg >/dev/null || ! [ -e /usr/include/libaio.h ] \
+	    || ! python3 -c "import ensurepip" 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing system packages: g++ libaio-dev ffmpeg python3-venv"; \
+	    apt-get update -qq && apt-get install -y -qq g++ libaio-dev ffmpeg python3-venv >/dev/null; \
+	  else echo "please install g++, libaio-dev, ffmpeg and python3-venv (apt-get install g++ libaio-dev ffmpeg python3-venv)"; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -e '.[test]'
+	@echo "building DeepSpeed's shm_comm op into $(VENV)/torch_extensions (once per venv, ~2 min on 2 cores)"
+	$(PY) -c "import scaling; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 data/synth/synth-000003.tar: | $(STAMP)
