@@ -21,13 +21,22 @@ def _bytes(text: str) -> int:
 def add_shard_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "shard",
-        help="write real videos (folder or CSV/TSV list) into webdataset mp4+json shards",
+        help="write real videos (folder, CSV/TSV, VideoMAE or K710 list, raw-frame folders) into webdataset mp4+json shards",
         description="Write videos into webdataset shards PREFIX-NNNNNN.tar of mp4 + json, with manifest.json and "
         "failures.jsonl. Re-running the same command finishes only the missing shards.",
     )
     s.add_argument("--input", required=True,
-                   help="a folder scanned recursively (class subfolders give labels) or a CSV/TSV of path[,label] "
-                        "(optional header naming 'path' and 'label'; relative paths are relative to the list)")
+                   help="a folder scanned recursively (class subfolders give labels); a CSV/TSV of path[,label] "
+                        "(optional header naming 'path' and 'label'); a VideoMAE list, space-separated: 'path label', "
+                        "'path 0 -1' (unlabeled), 'folder start_idx total_frames label' or 'folder total_frames label' "
+                        "(raw frames); or a `scaling labels k710` list (k710_train.csv), whose videos are found by "
+                        "file name <youtube_id>_<start>_<end> under --video-root. Relative paths are relative to the "
+                        "list, or to --video-root")
+    s.add_argument("--video-root", default=None, help="folder the list's relative paths (and K710 videos) are under")
+    s.add_argument("--frame-pattern", default="img_{:05d}.jpg",
+                   help="file name of frame i in raw-frame folders (Python format); default img_{:05d}.jpg")
+    s.add_argument("--frames-fps", type=float, default=30.0,
+                   help="frame rate raw-frame folders were extracted at (SSv2 frames are often 12); default 30")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--prefix", default=None, help="shard name prefix (default: the source name)")
     s.add_argument("--source", default=None, help="source name stored in every sample (default: folder name or list stem)")
@@ -60,7 +69,8 @@ def cmd_shard(args) -> int:
             args.input, args.out, prefix=args.prefix, source=args.source, short_side=args.short_side,
             max_duration=args.max_duration, crf=args.crf, preset=args.preset, samples_per_shard=args.samples_per_shard,
             max_shard_bytes=args.max_shard_bytes, workers=args.workers or usable_cores(), classes=args.classes,
-            progress=args.progress,
+            progress=args.progress, video_root=args.video_root, frame_pattern=args.frame_pattern,
+            frames_fps=args.frames_fps,
         )
     except (ShardInputError, FileNotFoundError) as e:
         print(f"scaling shard: error: {e}", file=sys.stderr)

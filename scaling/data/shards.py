@@ -11,7 +11,8 @@ Each video is probed with PyAV. An H.264/yuv420p `.mp4` that already fits (short
 duration within the limits) is copied byte for byte; anything else is transcoded to H.264 mp4
 (yuv420p, short side scaled down to the target, same frame rate, cut at the maximum duration),
 the fix the VideoMAE maintainers recommend for loader speed. Unreadable inputs are recorded in
-`failures.jsonl` with the reason and skipped.
+`failures.jsonl` with the reason and skipped. A raw-frame folder (the reference's SSv2 and AVA
+lists) is encoded the same way, at the frame rate given for its frames.
 
 Tars are written with the standard library's `tarfile` rather than webdataset's `TarWriter`
 (same tar layout): importing webdataset imports torch, ~5 s in every worker process.
@@ -19,7 +20,6 @@ Tars are written with the standard library's `tarfile` rather than webdataset's 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -34,24 +34,13 @@ from pathlib import Path
 
 import av
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
+from scaling.data.shard_inputs import Item, ShardInputError, list_inputs, load_class_map
+
 RECORDS_DIR = ".records"
-
-
-class ShardInputError(ValueError):
-    """A user-fixable problem with the input list, the class map or the options."""
 
 
 class VideoError(ValueError):
     """One input video cannot be used; the message is the reason listed in failures.jsonl."""
-
-
-@dataclass(frozen=True)
-class Item:
-    index: int  # position in the input list; also the sample key, so keys are unique per run
-    path: str
-    label: int | None = None
-    label_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,92 +50,11 @@ class Options:
     source: str = ""
     crf: int = 23
     preset: str = "fast"
+    frame_pattern: str = "img_{:05d}.jpg"  # raw-frame folders: file name of frame i (the reference's)
+    frames_fps: float = 30.0  # raw-frame folders carry no rate: the one their frames were extracted at
 
 
-# ----------------------------------------------------------------------------- listing inputs
-
-
-def _is_int(s: str) -> bool:
-    return s.lstrip("-").isdigit()
-
-
-def load_class_map(path) -> dict[str, int]:
-    """Class name -> index from a `.json` dict, a manifest.json (its "classes"), or a text
-    file with one class name per line (index = line number, as `k710_classes.txt`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class map not found: {path}")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data = data.get("classes", data) if isinstance(data, dict) else data
-        if isinstance(data, list):
-            return {name: i for i, name in enumerate(data)}
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise ShardInputError(f"{path}: expected a JSON object of class name -> int index")
-        return dict(data)
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {name: i for i, name in enumerate(names)}
-
-
-def _read_list(path: Path) -> list[tuple[str, str | None]]:
-    """(video path, label or None) rows of a CSV/TSV; paths relative to the list's folder."""
-    text = path.read_text(encoding="utf-8-sig")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in text.split("\n", 1)[0] else ","
-    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r and r[0].strip() and not r[0].startswith("#")]
-    path_col, label_col = 0, 1
-    if rows and "path" in [c.strip().lower() for c in rows[0]]:  # optional header, any column order
-        header = [c.strip().lower() for c in rows.pop(0)]
-        path_col = header.index("path")
-        label_col = header.index("label") if "label" in header else None
-    out = []
-    for r in rows:
-        if path_col >= len(r):
-            raise ShardInputError(f"{path}: row {r} has no path column; rows are path[,label]")
-        label = r[label_col].strip() if label_col is not None and label_col < len(r) else ""
-        out.append((str((path.parent / r[path_col].strip()).resolve()), label or None))
-    return out
-
-
-def _scan_folder(root: Path) -> list[tuple[str, str | None]]:
-    """Videos under `root`, recursively, sorted. Label = class subfolder name when every video
-    sits exactly one folder deep (the Kinetics `root/class/video.mp4` layout), else None."""
-    found = sorted(
-        p.relative_to(root)
-        for p in root.rglob("*")
-        if p.suffix.lower() in VIDEO_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    )
-    by_class = bool(found) and all(len(p.parts) == 2 for p in found)
-    return [(str(root / p), p.parts[0] if by_class else None) for p in found]
-
-
-def list_inputs(input_path, class_map: dict[str, int] | None = None) -> tuple[list[Item], dict[str, int] | None]:
-    """Items to shard, and the class map (None when labels are plain ints or absent).
-
-    Labels that are all integers are used as given; otherwise they are class names, indexed by
-    `class_map` or, without one, by their sorted order (pass the training split's map, e.g. its
-    manifest.json, when sharding a validation split, so indices agree)."""
-    src = Path(input_path).resolve()  # absolute paths: the plan must not depend on the cwd
-    if src.is_dir():
-        rows = _scan_folder(src)
-    elif src.is_file():
-        rows = _read_list(src)
-    else:
-        raise FileNotFoundError(f"--input: no such file or folder: {src}")
-    if not rows:
-        raise ShardInputError(f"--input: no videos found in {src} (extensions: {', '.join(VIDEO_EXTENSIONS)})")
-    labels = [lab for _, lab in rows if lab is not None]
-    if all(_is_int(lab) for lab in labels):
-        names = {i: n for n, i in (class_map or {}).items()}
-        items = [Item(i, p, None if lab is None else int(lab), None if lab is None else names.get(int(lab)))
-                 for i, (p, lab) in enumerate(rows)]
-        return items, class_map
-    if class_map is None:
-        class_map = {name: i for i, name in enumerate(sorted(set(labels)))}
-    unknown = sorted(set(labels) - set(class_map))
-    if unknown:
-        raise ShardInputError(f"labels not in the class map: {unknown[:5]}; add them to the --classes file or fix the list")
-    return [Item(i, p, None if lab is None else class_map[lab], lab) for i, (p, lab) in enumerate(rows)], class_map
+# ----------------------------------------------------------------------------- planning
 
 
 def plan_shards(items: list[Item], samples_per_shard: int, max_shard_bytes: int = 0,
@@ -223,12 +131,13 @@ def _copy(path: str, container, stream, rate: Fraction, duration: float | None) 
                       width=stream.width, height=stream.height, transcoded=False)
 
 
-def _transcode(container, stream, rate: Fraction, opts: Options, threads: int) -> tuple[bytes, dict]:
-    """H.264 mp4 bytes: short side <= opts.short_side, at most opts.max_duration seconds.
+def _encode(frames, size: tuple[int, int], rate: Fraction, opts: Options, threads: int) -> tuple[bytes, int]:
+    """H.264 mp4 bytes of `frames` (av.VideoFrame) scaled to `size`, at most opts.max_duration
+    seconds at `rate`; returns (bytes, frames written).
 
-    Frames are renumbered at the average rate (constant frame rate output): a variable-rate
-    input keeps its frames but not their exact timing, which clip sampling ignores anyway."""
-    width, height = target_size(stream.width, stream.height, opts.short_side)
+    Frames are renumbered at `rate` (constant frame rate output): a variable-rate input keeps
+    its frames but not their exact timing, which clip sampling ignores anyway."""
+    width, height = size
     max_frames = int(opts.max_duration * rate + 1e-6) if opts.max_duration else None
     buf = io.BytesIO()
     n = 0
@@ -240,7 +149,7 @@ def _transcode(container, stream, rate: Fraction, opts: Options, threads: int) -
         # it reproducible but doubled the size of some videos, and small files are the point.
         enc.options = {"preset": opts.preset, "crf": str(opts.crf)}
         enc.codec_context.thread_count = threads
-        for frame in container.decode(stream):
+        for frame in frames:
             if max_frames is not None and n >= max_frames:
                 break
             frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
@@ -252,11 +161,52 @@ def _transcode(container, stream, rate: Fraction, opts: Options, threads: int) -
             raise VideoError("no decodable frames")
         for packet in enc.encode():  # flush delayed frames
             out.mux(packet)
+    return buf.getvalue(), n
+
+
+def _transcode(container, stream, rate: Fraction, opts: Options, threads: int) -> tuple[bytes, dict]:
+    """H.264 mp4 bytes: short side <= opts.short_side, at most opts.max_duration seconds."""
+    width, height = target_size(stream.width, stream.height, opts.short_side)
+    data, n = _encode(container.decode(stream), (width, height), rate, opts, threads)
     # A silently short decode (no error, frames missing) means a truncated file.
+    max_frames = int(opts.max_duration * rate + 1e-6) if opts.max_duration else None
     expected = stream.frames if max_frames is None else min(stream.frames, max_frames)
     if stream.frames and n < expected * 0.98 - 1:
         raise VideoError(f"truncated: decoded {n} of {stream.frames} frames")
-    return buf.getvalue(), dict(duration=n / float(rate), num_frames=n, width=width, height=height, transcoded=True)
+    return data, dict(duration=n / float(rate), num_frames=n, width=width, height=height, transcoded=True)
+
+
+def convert_frames(folder: str, start: int, count: int, opts: Options, threads: int = 1) -> tuple[bytes, dict]:
+    """(mp4 bytes, metadata) of a raw-frame folder: frames `start` .. `start + count - 1`
+    named by `opts.frame_pattern`, encoded at `opts.frames_fps`."""
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise VideoError("frame folder not found")
+    if count < 1:
+        raise VideoError(f"the list gives {count} frames")
+    paths = [os.path.join(folder, opts.frame_pattern.format(i)) for i in range(start, start + count)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise VideoError(f"{len(missing)} of {count} frames missing, e.g. {os.path.basename(missing[0])} "
+                         f"(frame names follow --frame-pattern {opts.frame_pattern})")
+    try:
+        with Image.open(paths[0]) as first:
+            size = target_size(*first.size, opts.short_side)
+
+        def frames():
+            for p in paths:
+                with Image.open(p) as image:
+                    yield av.VideoFrame.from_image(image.convert("RGB"))
+
+        rate = Fraction(opts.frames_fps).limit_denominator(1001)
+        data, n = _encode(frames(), size, rate, opts, threads)
+    except VideoError:
+        raise
+    except Exception as exn:  # PIL/FFmpeg errors: a broken image file
+        raise VideoError(f"decode error: {_reason(exn)}") from exn
+    return data, dict(duration=n / float(rate), num_frames=n, width=size[0], height=size[1], transcoded=True,
+                      fps=float(rate), codec="frames", bytes=len(data))
 
 
 def _reason(exn: Exception) -> str:
@@ -340,7 +290,10 @@ def write_shard(task: dict) -> dict:
             if _stop is not None and _stop.is_set():  # the tar stays .tmp: a re-run redoes it
                 raise RuntimeError(f"shard {name} stopped: the run was interrupted")
             try:
-                data, meta = convert_video(item.path, opts, task["threads"])
+                if item.num_frames >= 0:
+                    data, meta = convert_frames(item.path, item.start_frame, item.num_frames, opts, task["threads"])
+                else:
+                    data, meta = convert_video(item.path, opts, task["threads"])
             except VideoError as exn:
                 record["failures"].append(dict(index=item.index, path=item.path, reason=str(exn)))
             else:
@@ -428,8 +381,12 @@ def write_shards(
     workers: int = 1,
     classes=None,
     progress: bool | None = None,
+    video_root=None,
+    frame_pattern: str = "img_{:05d}.jpg",
+    frames_fps: float = 30.0,
 ) -> dict:
-    """Shard the videos of a folder or a CSV/TSV list into `out_dir`; returns the manifest.
+    """Shard the videos of a folder or a list (every format `shard_inputs` reads) into
+    `out_dir`; returns the manifest.
 
     Writes `{prefix}-%06d.tar`, `manifest.json` and `failures.jsonl`. `classes`: a class map
     (dict) or a path for `load_class_map`. `progress`: None shows a bar only on a terminal.
@@ -438,10 +395,18 @@ def write_shards(
     source = source or (src.name if src.is_dir() else src.stem)
     prefix = prefix or source
     class_map = load_class_map(classes) if isinstance(classes, (str, os.PathLike)) else classes
-    items, class_map = list_inputs(src, class_map)
+    items, class_map = list_inputs(src, class_map, video_root)
     if short_side < 0 or max_duration < 0:
         raise ShardInputError("--short-side and --max-duration must be >= 0 (0 keeps the original)")
-    opts = Options(short_side=short_side, max_duration=max_duration, source=source, crf=crf, preset=preset)
+    if frames_fps <= 0:
+        raise ShardInputError(f"--frames-fps must be positive, got {frames_fps}")
+    try:
+        frame_pattern.format(1)
+    except (IndexError, KeyError, ValueError):
+        raise ShardInputError(f"--frame-pattern '{frame_pattern}' must hold one {{}} field for the frame number, "
+                              "e.g. img_{:05d}.jpg") from None
+    opts = Options(short_side=short_side, max_duration=max_duration, source=source, crf=crf, preset=preset,
+                   frame_pattern=frame_pattern, frames_fps=frames_fps)
     out = Path(out_dir)
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     workers = max(1, workers)
@@ -497,5 +462,5 @@ def _write_manifest(out: Path, prefix: str, source: str, opts: Options, class_ma
     return manifest
 
 
-__all__ = ["Item", "Options", "ShardInputError", "VideoError", "convert_video", "list_inputs", "load_class_map",
+__all__ = ["Item", "Options", "ShardInputError", "VideoError", "convert_frames", "convert_video", "list_inputs", "load_class_map",
            "plan_shards", "target_size", "write_shard", "write_shards"]
