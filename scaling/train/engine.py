@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from scaling.config import RunConfig, micro_batch, resolve_ds_config
-from scaling.train.schedule import warmup_cosine
+from scaling.train.schedule import lr_at, run_length, warmup_cosine
 
 # Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -38,13 +38,45 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
+def videos_per_step(cfg: RunConfig) -> int:
+    """Videos per optimizer step over all ranks (`train.global_batch`)."""
+    return cfg.train.global_batch
+
+
 def clips_per_step(cfg: RunConfig) -> int:
+    """Clips per optimizer step: each video gives `data.num_sample` clips (repeated augmentation)."""
     return cfg.train.global_batch * cfg.data.num_sample
 
 
+def lr_scaled(cfg: RunConfig, lr_arg: float) -> float:
+    """VideoMAE V2's linear scaling rule: lr = lr_arg x videos per step / 256. Repeated
+    augmentation is NOT counted (a batch of 32 videos x 4 clips scales by 32, not 128), as in the
+    reference's `args.lr * total_batch_size / 256`."""
+    return lr_arg * videos_per_step(cfg) / 256
+
+
 def peak_lr(cfg: RunConfig) -> float:
-    """Linear scaling rule of MAE/VideoMAE: base_lr is per 256 clips."""
-    return cfg.optim.base_lr * clips_per_step(cfg) / 256
+    return lr_scaled(cfg, cfg.optim.base_lr)
+
+
+def min_lr(cfg: RunConfig) -> float:
+    return lr_scaled(cfg, cfg.optim.min_lr)
+
+
+def warmup_lr(cfg: RunConfig) -> float:
+    return lr_scaled(cfg, cfg.optim.warmup_lr)
+
+
+def run_steps(cfg: RunConfig, epoch_steps: int | None = None) -> tuple[int, int]:
+    """(total, warmup) optimizer steps of the run; `epoch_steps` defaults to `train.steps_per_epoch`."""
+    t, o = cfg.train, cfg.optim
+    epoch_steps = t.steps_per_epoch if epoch_steps is None else epoch_steps
+    return run_length(t.epochs, t.steps, o.warmup_epochs, o.warmup_steps, epoch_steps)
+
+
+def lr_of_step(cfg: RunConfig, step: int, total: int, warmup: int) -> float:
+    """The top group's lr (layer-decay scale 1) at optimizer step `step`: what the run uses."""
+    return lr_at(step, peak_lr(cfg), min_lr(cfg), warmup_lr(cfg), warmup, total)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -70,7 +102,7 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Modu
 
 def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[dict] | None = None,
                total_steps: int | None = None, warmup_steps: int | None = None):
-    """AdamW over `groups` (default: decay / no-decay) + warmup-cosine, inside DeepSpeed.
+    """AdamW over `groups` (default: decay / no-decay) + the reference's warmup-cosine, inside DeepSpeed.
 
     A group may carry its own `lr` (layer decay: peak lr x lr_scale); the schedule multiplies
     every group's initial lr, so the per-group ratios hold at every step."""
@@ -78,13 +110,13 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     o = cfg.optim
     groups = groups if groups is not None else param_groups(model, o.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=o.betas)
-    min_ratio = (o.min_lr * clips_per_step(cfg) / 256) / lr
-    total = total_steps or cfg.train.steps
-    warmup = o.warmup_steps if warmup_steps is None else warmup_steps
+    total, warmup = run_steps(cfg)
+    total = total_steps or total
+    warmup = warmup if warmup_steps is None else warmup_steps
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: warmup_cosine(opt, warmup, total, min_ratio),
+        lr_scheduler=lambda opt: warmup_cosine(opt, lr, min_lr(cfg), warmup_lr(cfg), warmup, total),
         config=ds_config,
     )
     return engine, scheduler
