@@ -1,9 +1,9 @@
 """`scaling pipeline show`: each stage's effective values, resolved the way training resolves them.
 
 Nothing here launches a rank or reads a video: the numbers come from the functions the
-training loops call (`scaling.train.engine` for the lr rule and the run length,
-`scaling.train.schedule` for the epoch, `scaling.train.param_groups` for layer decay), applied
-to the typed stage configs with their stage defaults. Without the shards on disk an epoch is
+training loops call (`scaling.train.schedule` for the lr rule, the run length and the epoch,
+`scaling.train.param_groups` for layer decay), applied to the typed stage configs with their
+stage defaults; DeepSpeed is not even imported. Without the shards on disk an epoch is
 counted from `data.num_videos`, which a recipe states with its source; with the shards the
 videos are counted from the tar headers, as the fine-tune loader does.
 """
@@ -16,9 +16,16 @@ from scaling.data.sources import expand_shards
 from scaling.models.vit import get_size
 from scaling.pipeline import Pipeline, Stage, load_pipeline
 from scaling.pipeline_slurm import job_shapes
-from scaling.train.engine import clips_per_step, min_lr, peak_lr, run_steps, videos_per_step, warmup_lr
 from scaling.train.param_groups import layer_lr_scale
-from scaling.train.schedule import steps_per_epoch
+from scaling.train.schedule import (
+    clips_per_step,
+    min_lr,
+    peak_lr,
+    run_steps,
+    steps_per_epoch,
+    videos_per_step,
+    warmup_lr,
+)
 
 
 def count_videos(cfg: RunConfig) -> tuple[int, str]:

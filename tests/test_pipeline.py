@@ -118,7 +118,7 @@ def test_bad_init_from_and_stage_names_are_refused(capsys, data, tmp_path, monke
     assert "run that stage first" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", ["vitb_k400", "vitg_k400", "vitg_ssv2", "smoke"])
+@pytest.mark.parametrize("recipe", ["vitb_k400", "vitb_ssv2", "vitg_k400", "vitg_ssv2", "smoke"])
 def test_recipes_parse_into_typed_stage_configs(recipe):
     """The cluster recipes cannot run here (no Kinetics), but every key and type is checked."""
     import yaml

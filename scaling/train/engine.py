@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from scaling.config import RunConfig, micro_batch, resolve_ds_config
-from scaling.train.schedule import lr_at, run_length, warmup_cosine
+# The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
+from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
+    clips_per_step,
+    lr_of_step,
+    min_lr,
+    peak_lr,
+    run_steps,
+    videos_per_step,
+    warmup_cosine,
+    warmup_lr,
+)
 
 # Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -36,47 +46,6 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds["fp16"] = {"enabled": t.precision == "fp16", "auto_cast": False, "initial_scale_power": 16}
     ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     return ds
-
-
-def videos_per_step(cfg: RunConfig) -> int:
-    """Videos per optimizer step over all ranks (`train.global_batch`)."""
-    return cfg.train.global_batch
-
-
-def clips_per_step(cfg: RunConfig) -> int:
-    """Clips per optimizer step: each video gives `data.num_sample` clips (repeated augmentation)."""
-    return cfg.train.global_batch * cfg.data.num_sample
-
-
-def lr_scaled(cfg: RunConfig, lr_arg: float) -> float:
-    """VideoMAE V2's linear scaling rule: lr = lr_arg x videos per step / 256. Repeated
-    augmentation is NOT counted (a batch of 32 videos x 4 clips scales by 32, not 128), as in the
-    reference's `args.lr * total_batch_size / 256`."""
-    return lr_arg * videos_per_step(cfg) / 256
-
-
-def peak_lr(cfg: RunConfig) -> float:
-    return lr_scaled(cfg, cfg.optim.base_lr)
-
-
-def min_lr(cfg: RunConfig) -> float:
-    return lr_scaled(cfg, cfg.optim.min_lr)
-
-
-def warmup_lr(cfg: RunConfig) -> float:
-    return lr_scaled(cfg, cfg.optim.warmup_lr)
-
-
-def run_steps(cfg: RunConfig, epoch_steps: int | None = None) -> tuple[int, int]:
-    """(total, warmup) optimizer steps of the run; `epoch_steps` defaults to `train.steps_per_epoch`."""
-    t, o = cfg.train, cfg.optim
-    epoch_steps = t.steps_per_epoch if epoch_steps is None else epoch_steps
-    return run_length(t.epochs, t.steps, o.warmup_epochs, o.warmup_steps, epoch_steps)
-
-
-def lr_of_step(cfg: RunConfig, step: int, total: int, warmup: int) -> float:
-    """The top group's lr (layer-decay scale 1) at optimizer step `step`: what the run uses."""
-    return lr_at(step, peak_lr(cfg), min_lr(cfg), warmup_lr(cfg), warmup, total)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
