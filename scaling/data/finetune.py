@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
-from scaling.data.loader import STAT_NAMES, Counters, _rng, bad_reason, check_positive_ints, shared_empty, source_stat_names
+from scaling.data.loader import STAT_NAMES, Counters, _rng, _seed_int, bad_reason, check_positive_ints, shared_empty, source_stat_names
 from scaling.data.sources import Source, as_sources, expand_shards
 from scaling.data.transforms import (
     ClipRandAugment,
@@ -307,13 +307,18 @@ class FinetuneLoader:
         return len(self.dataset.index)
 
     def __iter__(self) -> Iterator[dict]:
-        # A fresh DataLoader per pass: forked workers see the current epoch's plan.
+        # A fresh DataLoader per pass: forked workers see the current epoch's plan. Its own
+        # generator: a DataLoader draws its workers' base seed from the global torch RNG
+        # otherwise, so opening the next epoch's pass would shift the training step's drop-path
+        # draws, and a resumed run (which opens it at another step) would diverge.
+        d = self.dataset
         loader = DataLoader(
-            self.dataset,
+            d,
             batch_size=None,
-            sampler=range(self.skip_batches, len(self.dataset)),
+            sampler=range(self.skip_batches, len(d)),
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(_seed_int("finetune-workers", d.seed, d.rank, d.epoch)),
         )
         return iter(loader)
 
