@@ -152,7 +152,7 @@ def format_table(rows: list[dict]) -> str:
             ("lr", f"peak {_lr(r['peak_lr'])} (base_lr {r['base_lr']:g} x {r['videos_per_step']} / 256), "
                    f"min {_lr(r['min_lr'])}, warmup from {_lr(r['warmup_lr'])}"),
             ("layer decay", f"{r['layer_decay']:g}: first block lr {_lr(r['lr_first_block'])}, "
-                            f"last block lr {_lr(r['lr_last_block'])}"),
+                            f"last block lr {_lr(r['lr_last_block'])}" if r["kind"] == "finetune" else "none"),
             ("optimizer", f"AdamW betas ({r['betas'][0]:g}, {r['betas'][1]:g}), weight decay {r['weight_decay']:g}, "
                           f"clip {r['clip_grad']:g}" + (" (off)" if not r["clip_grad"] else "")),
             ("drop path", f"{r['drop_path']:g}"),
