@@ -1,4 +1,4 @@
-"""`scaling pipeline run|submit|prepare|complete`: a progressive pipeline here or on Slurm."""
+"""`scaling pipeline run|submit|show|prepare|complete`: a progressive pipeline here or on Slurm."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,12 @@ def cmd_complete(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from scaling.pipeline_show import cmd_show as show
+
+    return show(args)
+
+
 def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("pipeline", help="progressive pipeline: run its stages here, or submit them to Slurm")
     sub = p.add_subparsers(dest="pipeline_command", required=True)
@@ -80,6 +86,12 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
                    help="extra sbatch argument for every job, e.g. --sbatch=--account=vid (repeatable)")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
     s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("show", help="each stage's effective values (lr, steps, batch split, sampling, ...); "
+                                    "needs no data on disk and starts no rank")
+    common(s)
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.set_defaults(func=cmd_show)
 
     for name, func, text in (("prepare", cmd_prepare, "inside a stage's job, before the ranks: write its run config"),
                              ("complete", cmd_complete, "inside a stage's job, after the ranks: export and record it")):

@@ -22,6 +22,7 @@ from scaling.models.classify import HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLINGS = ("stride", "segments")
 
 
 class ConfigError(ValueError):
@@ -55,21 +56,35 @@ class DataConfig:
     source: str = "shards"  # shards | noise (pure-function random clips: I/O-free benchmarks and tests)
     shards: str = ""  # brace pattern or glob, e.g. data/synth/synth-{000000..000003}.tar
     stride: int = 4
+    # Fine-tune/test frame choice: stride (`num_frames` frames `stride` apart, Kinetics) | segments
+    # (the video cut into `num_frames` equal segments, one frame from each: SSv2 in VideoMAE V2).
+    sampling: str = "stride"
+    # Videos in one epoch when the shards are not on disk yet (`scaling pipeline show`); the run
+    # itself counts the shards. 0 = unknown.
+    num_videos: int = 0
     # A weighted mix of shard sets instead of `shards` (the unlabeled hybrid), each with its own
     # weight, frame stride and flip rule: [{name: k710, shards: ..., weight: 0.49}, ...].
     sources: list[Source] = field(default_factory=list)
-    num_sample: int = 4  # clips per decoded video (repeated augmentation)
+    num_sample: int = 4  # clips per decoded video (repeated augmentation); not counted by the lr rule
     num_workers: int = 2
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1e-3  # per 256 clips; the lr used is base_lr * clips per step / 256
-    min_lr: float = 1e-5  # floor of the cosine, same scaling as base_lr
+    # The lr rule of VideoMAE V2: the peak lr is base_lr x videos per optimizer step
+    # (train.global_batch) / 256; num_sample clips per video do not count. min_lr and warmup_lr
+    # are scaled the same way. Defaults here are pre-training's; supervised stages get
+    # FINETUNE_DEFAULTS below.
+    base_lr: float = 1e-3
+    min_lr: float = 1e-5  # floor of the cosine
+    # lr of the first warmup step (warmup: evenly spaced from warmup_lr to the peak, both
+    # included). 0: the reference scales its --warmup_lr but never hands it to its scheduler,
+    # so its warmup starts at 0.
+    warmup_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
-    warmup_epochs: int = 0  # finetune with train.epochs: warmup in passes over the data
+    warmup_steps: int = 0  # > 0 wins over warmup_epochs
+    warmup_epochs: int = 0  # warmup in epochs (see train.steps_per_epoch / train.epochs)
     clip_grad: float = 0.0  # 0 disables clipping
 
 
@@ -87,8 +102,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     output_dir: str = "runs/pretrain"
-    steps_per_epoch: int = 0  # for the epoch count in checkpoints; 0 = not counted (streaming data)
-    epochs: int = 0  # finetune: passes over the finite data; sets steps (and warmup_epochs) when > 0
+    steps_per_epoch: int = 0  # pre-training: for the epoch count (streaming data has no epochs); 0 = not counted
+    # finetune: passes over the finite data, each num_videos // global_batch optimizer steps
+    # (scaling/train/schedule.py); sets the run's length when > 0
+    epochs: int = 0
     max_steps_this_run: int = 0  # stop after this many steps (0 = until `steps`); for staged runs/tests
 
 
@@ -132,6 +149,43 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# What a stage gets for every key its YAML does not set: the VideoMAE V2 reference's defaults
+# (run_mae_pretraining.py / run_class_finetuning.py argument defaults), merged under the user's
+# values before the dataclasses are built, so the config saved beside the checkpoints shows them.
+PRETRAIN_DEFAULTS = {
+    "optim": {"betas": [0.9, 0.95], "min_lr": 1.0e-5, "warmup_lr": 0.0, "weight_decay": 0.05, "clip_grad": 0.0},
+    "data": {"num_sample": 4},
+}
+FINETUNE_DEFAULTS = {
+    "optim": {"betas": [0.9, 0.999], "min_lr": 1.0e-6, "warmup_lr": 0.0, "warmup_epochs": 5, "weight_decay": 0.05,
+              "clip_grad": 0.0},
+    "data": {"num_sample": 2},
+    "model": {"drop_path": 0.1},
+    "finetune": {"layer_decay": 0.75, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
+}
+STAGE_DEFAULTS = {"pretrain": PRETRAIN_DEFAULTS, "finetune": FINETUNE_DEFAULTS}
+
+
+def with_stage_defaults(data: dict) -> dict:
+    """`data` (a run config as nested dicts) over its stage's defaults; user values win."""
+    if not isinstance(data, dict):
+        return data
+    defaults = STAGE_DEFAULTS.get(data.get("stage", "pretrain"), {})
+    return _merged(defaults, data)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_run_config(data: dict) -> "RunConfig":
+    """A typed RunConfig from nested dicts, with the stage's defaults under them."""
+    return _build(RunConfig, with_stage_defaults(data))
 
 
 def _coerce(value, annotation, key: str):
@@ -218,7 +272,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. pipelines/pretrain_smoke.yaml")
         data = yaml.safe_load(p.read_text()) or {}
-    return _build(RunConfig, apply_overrides(data, list(overrides)))
+    return build_run_config(apply_overrides(data, list(overrides)))
 
 
 def to_dict(cfg) -> dict:
@@ -238,11 +292,11 @@ def resolve_ds_config(path: str) -> Path:
     raise ConfigError(f"train.ds_config '{path}' not found; use one of ds_configs/*.json")
 
 
-def validate_finetune(cfg: RunConfig, world_size: int) -> None:
-    f, t = cfg.finetune, cfg.train
+def validate_finetune(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
+    f, t, o = cfg.finetune, cfg.train, cfg.optim
     if f.num_classes < 2:
         raise ConfigError(f"finetune.num_classes must be at least 2, got {f.num_classes}")
-    if f.init_from not in ("", "previous") and not Path(f.init_from).is_file():
+    if check_files and f.init_from not in ("", "previous") and not Path(f.init_from).is_file():
         raise ConfigError(f"finetune.init_from '{f.init_from}' is not a file; give an exported .pt/.pth checkpoint, 'previous' in a pipeline, or ''")
     if not 0 < f.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
@@ -251,13 +305,17 @@ def validate_finetune(cfg: RunConfig, world_size: int) -> None:
     if (f.mixup > 0 or f.cutmix > 0) and clips % 2:
         raise ConfigError(f"mixup/cutmix pair clips within a rank's batch, which holds {clips} (odd); make "
                           "global_batch / (ranks x grad_accum) x data.num_sample even or set finetune.mixup=0 finetune.cutmix=0")
-    if f.val_shards:
+    if f.val_shards and check_files:
         try:
             expand_shards(f.val_shards)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"finetune.val_shards matches no files ({e}); check the path") from None
-    if t.epochs < 0 or cfg.optim.warmup_epochs < 0 or (t.epochs and cfg.optim.warmup_epochs >= t.epochs):
-        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be below train.epochs={t.epochs}")
+    if t.epochs < 0 or o.warmup_epochs < 0:
+        raise ConfigError(f"train.epochs and optim.warmup_epochs must be 0 or more, got {t.epochs} and {o.warmup_epochs}")
+    if t.epochs and o.warmup_steps <= 0 and o.warmup_epochs >= t.epochs:
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} must be below train.epochs={t.epochs}")
+    if not t.epochs and o.warmup_steps >= t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
 
 
 def validate_mar(cfg: RunConfig) -> None:
@@ -300,8 +358,9 @@ def micro_batch(cfg: RunConfig, world_size: int) -> int:
     return cfg.train.global_batch // (world_size * cfg.train.grad_accum)
 
 
-def validate(cfg: RunConfig, world_size: int) -> None:
-    """Everything a user can get wrong, refused before any rank starts."""
+def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
+    """Everything a user can get wrong, refused before any rank starts. `check_files=False`
+    checks the values only (`scaling pipeline show` before the shards and weights exist)."""
     m, t, k, d, o = cfg.model, cfg.train, cfg.mask, cfg.data, cfg.optim
     if cfg.stage not in ("pretrain", "finetune"):
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose pretrain or finetune")
@@ -319,8 +378,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"mask.encoder_ratio must be between 0 and 1 (exclusive), got {k.encoder_ratio}")
     if k.decoder == "running_cell" and (grid[1] % 2 or grid[2] % 2):
         raise ConfigError(f"mask.decoder=running_cell needs an even number of patches per side, but input_size {m.input_size} gives {grid[1]}; pick another model.input_size")
-    if k.decoder == "running_cell" and int(4 * k.decoder_ratio) not in (1, 2, 3):
-        raise ConfigError(f"mask.decoder_ratio {k.decoder_ratio} gives no running-cell pattern; use 0.25, 0.5 or 0.75")
+    if k.decoder == "running_cell" and k.decoder_ratio not in (0.25, 0.5, 0.75):
+        raise ConfigError(f"mask.decoder_ratio {k.decoder_ratio} cannot be honoured exactly: a running cell of 4 "
+                          "tokens drops 1, 2 or 3 of them; use 0.25, 0.5 or 0.75")
     if t.global_batch < 1 or t.grad_accum < 1 or t.steps < 1:
         raise ConfigError("train.global_batch, train.grad_accum and train.steps must all be at least 1")
     if t.global_batch % (world_size * t.grad_accum):
@@ -332,10 +392,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"train.precision '{t.precision}' is unknown; choose bf16, fp16 or fp32")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
-    resolve_ds_config(t.ds_config)
+    if check_files:
+        resolve_ds_config(t.ds_config)
     if d.source not in ("shards", "noise"):
         raise ConfigError(f"data.source '{d.source}' is unknown; choose shards or noise")
-    if d.source == "shards":
+    if d.source == "shards" and not check_files:
+        data_sources(cfg)  # the shape of the sources, not their files
+    if d.source == "shards" and check_files:
         for source in data_sources(cfg):
             try:
                 expand_shards(source.shards)
@@ -346,8 +409,21 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("data.num_sample and data.stride must be at least 1 and data.num_workers at least 0")
     if o.base_lr <= 0 or o.min_lr < 0 or o.min_lr > o.base_lr:
         raise ConfigError(f"optim.base_lr must be > 0 and 0 <= optim.min_lr <= base_lr (got {o.base_lr}, {o.min_lr})")
+    if not 0 <= o.warmup_lr <= o.base_lr:
+        raise ConfigError(f"optim.warmup_lr must be between 0 and optim.base_lr={o.base_lr}, got {o.warmup_lr}")
+    if d.sampling not in SAMPLINGS:
+        raise ConfigError(f"data.sampling '{d.sampling}' is unknown; choose one of {', '.join(SAMPLINGS)}")
+    if d.num_videos < 0:
+        raise ConfigError(f"data.num_videos must be 0 (unknown) or the number of videos, got {d.num_videos}")
     if cfg.stage == "finetune":
-        validate_finetune(cfg, world_size)
-    elif o.warmup_steps >= t.steps:
+        validate_finetune(cfg, world_size, check_files)
+        return
+    if d.sampling != "stride":
+        raise ConfigError("data.sampling=segments is for fine-tuning and testing; pre-training takes frames "
+                          "at data.stride (2 for SSv2-like clips), so set data.sampling=stride")
+    if t.epochs:
+        raise ConfigError(f"pre-training runs train.steps, not epochs; remove train.epochs={t.epochs} and set "
+                          "train.steps (epochs x train.steps_per_epoch)")
+    if o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
 

@@ -64,7 +64,7 @@ def evaluate(engine, cfg: RunConfig, rank: int, world: int) -> dict:
     loader = build_finetune_loader(
         f.val_shards, videos_per_batch=max(1, micro_batch(cfg, world)), num_frames=m.num_frames, stride=cfg.data.stride,
         input_size=m.input_size, num_workers=cfg.data.num_workers, rank=rank, world_size=world, train=False,
-        test_clips=f.test_clips, test_crops=f.test_crops,
+        test_clips=f.test_clips, test_crops=f.test_crops, sampling=cfg.data.sampling,
     )
     was_training = engine.module.training
     engine.module.eval()

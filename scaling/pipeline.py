@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from scaling.config import ConfigError, RunConfig, _build, apply_overrides, save_config, to_dict, validate
+from scaling.config import ConfigError, RunConfig, apply_overrides, build_run_config, save_config, to_dict, validate
 from scaling.tracking import flatten
 
 EXPORT = Path("export") / "model_fp32.pt"
@@ -101,7 +101,7 @@ def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None)
         data = merge(data, {"train": {"output_dir": str(out / stage_name), "ranks": ranks},
                             "tracking": merge(raw.get("tracking", {}), {"run_name": stage_name})})
         try:
-            cfg = _build(RunConfig, data)
+            cfg = build_run_config(data)
             if only in (None, stage_name):
                 validate(cfg, ranks)
         except ConfigError as e:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ViT-g fine-tuning on Something-Something v2 from the K710 export, 2x3-view test.
+# ViT-g fine-tuning on Something-Something v2 from the pre-training export (not K710), segment sampling, 2x3-view test.
 #SBATCH --job-name=finetune_vitg_ssv2
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1

@@ -111,7 +111,7 @@ def test_lambda_lr_keeps_the_layer_ratio():
 
     groups = layer_decay_groups(classifier(), 0.05, 0.5, base_lr=1e-3)
     opt = torch.optim.AdamW(groups, lr=1e-3)
-    sched = warmup_cosine(opt, 2, 10, 0.01)
+    sched = warmup_cosine(opt, 1e-3, 1e-5, 0.0, 2, 10)
     for _ in range(5):
         opt.step()
         sched.step()

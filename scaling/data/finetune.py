@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
-from scaling.data.loader import STAT_NAMES, Counters, _rng, bad_reason, check_positive_ints, shared_empty, source_stat_names
+from scaling.data.loader import STAT_NAMES, Counters, _rng, _seed_int, bad_reason, check_positive_ints, shared_empty, source_stat_names
 from scaling.data.sources import Source, as_sources, expand_shards
 from scaling.data.transforms import (
     ClipRandAugment,
@@ -55,7 +55,15 @@ from scaling.data.transforms import (
     resize_short_side,
     to_normalized_tensor,
 )
-from scaling.data.video import VideoDecodeError, clip_indices, open_video, read_clips, uniform_clip_indices
+from scaling.data.video import (
+    VideoDecodeError,
+    clip_indices,
+    open_video,
+    read_clips,
+    segment_indices,
+    segment_test_indices,
+    uniform_clip_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +157,14 @@ class FiniteClips(Dataset):
     def __init__(self, index: ShardIndex, sources: list[Source], counters: Counters, *, videos_per_batch: int,
                  num_frames: int, stride_override: int | None, input_size: int, num_sample: int, seed: int, rank: int,
                  world_size: int, train: bool, label_fn: Callable[[dict], int], rand_aug: str | None,
-                 scale, ratio, flip: bool, reprob: float, test_clips: int, test_crops: int):  # fmt: skip
+                 scale, ratio, flip: bool, reprob: float, test_clips: int, test_crops: int,
+                 sampling: str = "stride"):  # fmt: skip
         self.index, self.sources, self.counters = index, sources, counters
         self.B, self.T, self.S = videos_per_batch, num_frames, input_size
         self.stride_override = stride_override
+        if sampling not in ("stride", "segments"):
+            raise ValueError(f"sampling must be 'stride' or 'segments', got {sampling!r}")
+        self.sampling = sampling
         self.seed, self.rank, self.world_size, self.train = seed, rank, world_size, train
         self.label_fn = label_fn
         self.views = num_sample if train else test_clips * test_crops
@@ -188,21 +200,21 @@ class FiniteClips(Dataset):
         vr = open_video(self.index.read(i, "mp4"))
         source = self.sources[self.index.source(i)]
         stride = self.stride_override or source.stride
-        if self.train:  # num_sample clips from one decode, each with its own start and augmentation
+        if self.train:  # num_sample clips from one decode, each with its own frames and augmentation
             rng = _rng("finetune", self.seed, self.epoch, m)
-            starts = [clip_indices(len(vr), self.T, stride, rng) for _ in range(self.views)]
+            starts = [self._train_indices(len(vr), stride, rng) for _ in range(self.views)]
             for c, frames in enumerate(read_clips(vr, starts)):  # (T, H, W, 3) uint8
                 small = min(frames.shape[1:3]) < self.S  # upscaled by the crop's resize
                 finetune_clip(frames, self.S, rng, out[c], rand_aug=self.rand_aug, erase=self.erase, scale=self.scale,
                               ratio=self.ratio, flip=self.flip and source.flip)  # fmt: skip
         else:  # clips x crops, in that order: view = clip * test_crops + crop
-            for c, frames in enumerate(read_clips(vr, uniform_clip_indices(len(vr), self.T, stride, self.test_clips))):
+            for c, frames in enumerate(read_clips(vr, self._test_indices(len(vr), stride))):
                 small = min(frames.shape[1:3]) < self.S
                 frames = resize_short_side(frames, self.S)  # (T, S, L, 3) or (T, L, S, 3), L >= S
                 for k, crop in enumerate(long_side_crops(frames, self.S, self.test_crops)):
                     to_normalized_tensor(crop, out=out[c * self.test_crops + k])
         # Handled, not bad: counted so that users see how much of their data loops or upscales.
-        if len(vr) < self.T * stride:
+        if len(vr) < (self.T if self.sampling == "segments" else self.T * stride):
             self.counters.add("short_videos")
         if small:
             self.counters.add("small_videos")
@@ -210,6 +222,18 @@ class FiniteClips(Dataset):
             self.counters.add("pyav_fallback")
         self.counters.add(f"source/{source.name}/clips", self.views)
         return label
+
+    def _train_indices(self, length: int, stride: int, rng) -> list[int]:
+        """One training clip's frames: `stride` apart from a random start, or one random frame per segment."""
+        if self.sampling == "segments":
+            return segment_indices(length, self.T, rng)
+        return clip_indices(length, self.T, stride, rng)
+
+    def _test_indices(self, length: int, stride: int) -> list[list[int]]:
+        """The `test_clips` temporal views: evenly spaced starts, or segment offsets shifted per view."""
+        if self.sampling == "segments":
+            return segment_test_indices(length, self.T, self.test_clips)
+        return uniform_clip_indices(length, self.T, stride, self.test_clips)
 
     def __getitem__(self, b: int) -> dict:
         slots = self.slots[b * self.B : (b + 1) * self.B]
@@ -283,13 +307,18 @@ class FinetuneLoader:
         return len(self.dataset.index)
 
     def __iter__(self) -> Iterator[dict]:
-        # A fresh DataLoader per pass: forked workers see the current epoch's plan.
+        # A fresh DataLoader per pass: forked workers see the current epoch's plan. Its own
+        # generator: a DataLoader draws its workers' base seed from the global torch RNG
+        # otherwise, so opening the next epoch's pass would shift the training step's drop-path
+        # draws, and a resumed run (which opens it at another step) would diverge.
+        d = self.dataset
         loader = DataLoader(
-            self.dataset,
+            d,
             batch_size=None,
-            sampler=range(self.skip_batches, len(self.dataset)),
+            sampler=range(self.skip_batches, len(d)),
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(_seed_int("finetune-workers", d.seed, d.rank, d.epoch)),
         )
         return iter(loader)
 
@@ -323,6 +352,7 @@ def build_finetune_loader(
     label_fn: Callable[[dict], int] = default_label,
     skip_batches: int = 0,
     prefetch_factor: int = 2,
+    sampling: str = "stride",
 ) -> FinetuneLoader:
     """Finite batches {"video": (B * V, 3, T, S, S), "label", "valid", "index": (B * V,),
     "key", "source": lists of B * V}, V = num_sample (train) or test_clips * test_crops (eval).
@@ -333,7 +363,9 @@ def build_finetune_loader(
     per epoch over all ranks; every rank gets `len(loader)` batches (see the module
     docstring). `flip=False` disables flipping for all sources; `rand_aug=None` and
     `reprob=0` disable those. Labels: `label_fn(json dict)`, default json["label"]; in
-    evaluation a sample without a label gets -1 (and stays valid).
+    evaluation a sample without a label gets -1 (and stays valid). `sampling="segments"`: each
+    clip takes one frame from each of `num_frames` equal segments of the video (random within
+    the segment in training; `test_clips` views at shifted offsets in evaluation), strides unused.
     """
     check_positive_ints(
         videos_per_batch=(videos_per_batch, 1), num_frames=(num_frames, 1), input_size=(input_size, 1),
@@ -356,7 +388,7 @@ def build_finetune_loader(
         index, srcs, counters, videos_per_batch=videos_per_batch, num_frames=num_frames, stride_override=stride,
         input_size=input_size, num_sample=num_sample, seed=seed, rank=rank, world_size=world_size, train=train,
         label_fn=label_fn, rand_aug=rand_aug, scale=scale, ratio=ratio, flip=flip, reprob=reprob,
-        test_clips=test_clips, test_crops=test_crops,
+        test_clips=test_clips, test_crops=test_crops, sampling=sampling,
     )  # fmt: skip
     if skip_batches > len(dataset):
         raise ValueError(f"skip_batches={skip_batches} is past the epoch's {len(dataset)} batches")

@@ -144,6 +144,25 @@ def uniform_clip_indices(num_video_frames: int, num_frames: int, stride: int, nu
     return [[(s + i * stride) % num_video_frames for i in range(num_frames)] for s in starts]
 
 
+def segment_indices(num_video_frames: int, num_segments: int, rng: random.Random) -> list[int]:
+    """Training segment sampling (TSN style, VideoMAE V2 on SSv2): the video is cut into
+    `num_segments` segments of L // num_segments frames and one random frame is taken from each.
+    A video shorter than that (under one frame per segment) repeats its first frame in front:
+    [0] * (num_segments - L) + [0, 1, ..., L - 1], as the reference does."""
+    seg = num_video_frames // num_segments
+    if seg == 0:
+        return [0] * (num_segments - num_video_frames) + list(range(num_video_frames))
+    return [i * seg + rng.randrange(seg) for i in range(num_segments)]
+
+
+def segment_test_indices(num_video_frames: int, num_segments: int, num_views: int) -> list[list[int]]:
+    """Test-time segment sampling: view k takes frame int(k * tick / num_views + tick * x) of
+    segment x, tick = L / num_segments, so the views sit at evenly spaced offsets inside every
+    segment (view 0 at each segment's first frame). A short video repeats frames."""
+    tick = num_video_frames / num_segments
+    return [[int(k * tick / num_views + tick * x) for x in range(num_segments)] for k in range(num_views)]
+
+
 def read_frames(vr: Video, indices: list[int]) -> np.ndarray:
     """Frames at `indices` from an open video: uint8 (T, H, W, 3)."""
     frames = vr.get_batch(indices)  # (T, H, W, 3) uint8
@@ -191,6 +210,8 @@ __all__ = [
     "open_video",
     "clip_indices",
     "uniform_clip_indices",
+    "segment_indices",
+    "segment_test_indices",
     "read_frames",
     "read_clips",
     "read_clip",

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from scaling.config import RunConfig, micro_batch, resolve_ds_config
-from scaling.train.schedule import warmup_cosine
+# The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
+from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
+    clips_per_step,
+    lr_of_step,
+    min_lr,
+    peak_lr,
+    run_steps,
+    videos_per_step,
+    warmup_cosine,
+    warmup_lr,
+)
 
 # Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -36,15 +46,6 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds["fp16"] = {"enabled": t.precision == "fp16", "auto_cast": False, "initial_scale_power": 16}
     ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     return ds
-
-
-def clips_per_step(cfg: RunConfig) -> int:
-    return cfg.train.global_batch * cfg.data.num_sample
-
-
-def peak_lr(cfg: RunConfig) -> float:
-    """Linear scaling rule of MAE/VideoMAE: base_lr is per 256 clips."""
-    return cfg.optim.base_lr * clips_per_step(cfg) / 256
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -70,7 +71,7 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Modu
 
 def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[dict] | None = None,
                total_steps: int | None = None, warmup_steps: int | None = None):
-    """AdamW over `groups` (default: decay / no-decay) + warmup-cosine, inside DeepSpeed.
+    """AdamW over `groups` (default: decay / no-decay) + the reference's warmup-cosine, inside DeepSpeed.
 
     A group may carry its own `lr` (layer decay: peak lr x lr_scale); the schedule multiplies
     every group's initial lr, so the per-group ratios hold at every step."""
@@ -78,13 +79,13 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     o = cfg.optim
     groups = groups if groups is not None else param_groups(model, o.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=o.betas)
-    min_ratio = (o.min_lr * clips_per_step(cfg) / 256) / lr
-    total = total_steps or cfg.train.steps
-    warmup = o.warmup_steps if warmup_steps is None else warmup_steps
+    total, warmup = run_steps(cfg)
+    total = total_steps or total
+    warmup = warmup if warmup_steps is None else warmup_steps
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: warmup_cosine(opt, warmup, total, min_ratio),
+        lr_scheduler=lambda opt: warmup_cosine(opt, lr, min_lr(cfg), warmup_lr(cfg), warmup, total),
         config=ds_config,
     )
     return engine, scheduler

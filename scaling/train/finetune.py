@@ -10,6 +10,7 @@ the pre-training decoder rebuilds the dropped tokens as an auxiliary loss.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,11 +28,12 @@ from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import finetune_drop_mask
 from scaling.models.classify import VideoClassifier, build_classifier
 from scaling.train import checkpoint
-from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.pretrain import log_step, step_seed, summed
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
+from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
 
 
@@ -40,18 +42,24 @@ def train_loader_for(cfg: RunConfig, rank: int, world: int):
     return build_finetune_loader(
         sources=data_sources(cfg), videos_per_batch=micro_batch(cfg, world), num_frames=m.num_frames,
         input_size=m.input_size, num_sample=d.num_sample, num_workers=d.num_workers, seed=cfg.train.seed,
-        rank=rank, world_size=world, train=True, rand_aug=f.rand_aug or None, reprob=f.reprob,
+        rank=rank, world_size=world, train=True, rand_aug=f.rand_aug or None, reprob=f.reprob, sampling=d.sampling,
     )
 
 
 def batches_from(loader, start_step: int, steps_per_epoch: int, grad_accum: int):
-    """Endless micro-batches over epochs, starting inside the epoch of `start_step`."""
+    """Endless micro-batches over epochs, starting inside the epoch of `start_step`.
+
+    Each epoch gives exactly steps_per_epoch x grad_accum micro-batches (the epoch of
+    scaling/train/schedule.py); the loader's batches past them are left unread, so no optimizer
+    step straddles two epochs and a resumed run finds every step's batches where the
+    uninterrupted run found them."""
+    per_epoch = steps_per_epoch * grad_accum
     epoch = start_step // steps_per_epoch
     skip = (start_step % steps_per_epoch) * grad_accum
     while True:
         loader.set_epoch(epoch)
         loader.skip_batches = skip  # the loader skips without decoding
-        yield from iter(loader)
+        yield from itertools.islice(iter(loader), per_epoch - skip)
         epoch, skip = epoch + 1, 0
 
 
@@ -118,9 +126,11 @@ def run_finetune(cfg: RunConfig) -> dict:
             print(f"[scaling] reconstruction branch starts from {source}", flush=True)
 
     loader = train_loader_for(cfg, rank, world)
-    steps_per_epoch = max(1, len(loader) // t.grad_accum)
-    total = t.epochs * steps_per_epoch if t.epochs else t.steps
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch if t.epochs else cfg.optim.warmup_steps
+    steps_per_epoch = epoch_length(loader.num_samples, t.global_batch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training shards hold {loader.num_samples} videos, fewer than one optimizer step of "
+                         f"train.global_batch={t.global_batch}; lower train.global_batch or add videos")
+    total, warmup = run_steps(cfg, steps_per_epoch)
     groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
 

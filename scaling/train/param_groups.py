@@ -53,9 +53,14 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
         layer = layer_of[name]
         key = (layer, no_decay)
         if key not in groups:
-            groups[key] = _group(layer, no_decay, weight_decay, layer_decay ** (top - layer), base_lr, plain=False)
+            groups[key] = _group(layer, no_decay, weight_decay, layer_lr_scale(layer_decay, layer, top), base_lr, plain=False)
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def layer_lr_scale(layer_decay: float, layer: int, top: int) -> float:
+    """The lr multiplier of layer `layer` when the head is layer `top` (= depth + 1)."""
+    return layer_decay ** (top - layer)
 
 
 def _group(layer: int, no_decay: bool, weight_decay: float, scale: float, base_lr: float | None, plain: bool) -> dict:
