@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import logging
 import os
 import sqlite3
 import sys
@@ -92,6 +93,7 @@ class MLflowTracker:
             return
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
+        quiet_store_errors_of(self._thread)
         _open_trackers.add(self)
 
     # -- opening the run (synchronous: the run id goes into every checkpoint)
@@ -190,13 +192,14 @@ class MLflowTracker:
     def _send_loop(self) -> None:
         tries = 0
         while (op := self._next_op()) is not None:
+            tried_at = time.monotonic()
             try:
                 self._send(op)
             except Exception as e:  # noqa: BLE001 - any store error: keep the op, warn once, retry later
                 with self._cond:
                     self._ops.appendleft(op)
                 if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+                    self.failing_since = tried_at
                     warn(f"MLflow store {self.uri} failed ({first_line(e)}); training continues, metrics are "
                          "kept (metrics.jsonl has every step) and sent when the store answers again")
                 if self._closing_until is not None and time.monotonic() >= self._closing_until:
@@ -243,6 +246,16 @@ class MLflowTracker:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(2)
+
+
+def quiet_store_errors_of(thread: threading.Thread) -> None:
+    """MLflow's SQL store logs a full traceback for every failed call; the sender thread's
+    failures are reported once by the tracker instead."""
+
+    def from_other_threads(record: logging.LogRecord) -> bool:
+        return record.thread != thread.ident
+
+    logging.getLogger("mlflow.store.db.utils").addFilter(from_other_threads)
 
 
 def closes_runs_on_error(run):

@@ -39,7 +39,7 @@ def test_store_locked_40_s_mid_run_costs_no_step_and_loses_no_metric(tmp_path):
     training goes on (steps keep coming during the lock), one warning, exit 0, and afterwards
     every step's metrics are in MLflow and the run is FINISHED. `scaling export` then accepts
     the run's own DeepSpeed checkpoint (the safe-loading check passes on what DeepSpeed writes)."""
-    db, out, steps = tmp_path / "mlflow.db", tmp_path / "run", 400
+    db, out, steps = tmp_path / "mlflow.db", tmp_path / "run", 300
     cmd = [*SCALING, "pretrain", "--config", str(SMOKE), f"train.output_dir={out}", *NOISE, "train.ranks=2",
            f"train.steps={steps}", "train.save_every=1000"]
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
