@@ -318,7 +318,8 @@ def probe_store(tracking_uri: str = "") -> None:
 
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - whatever the store raises is the problem to report
-            problem = first_line(e)
+            # Busy (another run writing) is not broken: the run's calls are buffered until it answers.
+            problem = None if "database is locked" in str(e) else first_line(e)
     if problem is not None:
         raise ConfigError(f"the MLflow store {uri} cannot be used ({problem}); point tracking.tracking_uri "
                           f"(or MLFLOW_TRACKING_URI) at a writable place, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}, "

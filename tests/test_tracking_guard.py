@@ -115,13 +115,21 @@ def test_process_that_exits_without_closing_its_run_leaves_it_failed_not_finishe
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [2.0]
 
 
-def test_finished_run_reports_finished_and_resume_reopens_it(tmp_path):
-    tracker, client = tracker_in(tmp_path)
+def test_finished_run_reports_finished_and_resume_reopens_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    parent, client = tracker_in(tmp_path)
+    tracker, _ = tracker_in(tmp_path, run_name="stage", parent_run_id=parent.run_id, tags={"stage_kind": "pretrain"})
     tracker.log_params({"a": 1})
     tracker.log_metrics({"loss": 1.5}, step=1)
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    tracker.log_artifact(str(tmp_path / "config.yaml"))
     tracker.close("FINISHED")
     tracker.close("FAILED")  # a second close changes nothing
-    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "stage"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["stage_kind"] == "pretrain"
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
+    parent.close("FINISHED")
     again, _ = tracker_in(tmp_path, run_id=tracker.run_id)
     assert client.get_run(tracker.run_id).info.status == "RUNNING"
     again.log_params({"a": 1, "b": 2})  # a resumed run adds new params only
