@@ -30,8 +30,7 @@ def cmd_train(args, stage: str | None = None) -> int:
     cfg = load_config(args.config, ([f"stage={stage}"] if stage else []) + args.overrides + trust)
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
-    if not launch.under_launcher():
-        check_before_launch(cfg)
+    check_before_launch(cfg, probe_tracking=not launch.under_launcher())
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
@@ -53,14 +52,15 @@ def cmd_train(args, stage: str | None = None) -> int:
     return 0 if ranks_of_a_launcher else exit_code_of_run(cfg)
 
 
-def check_before_launch(cfg) -> None:
-    """What only the launching process can check: no pipeline around this run, and an MLflow
+def check_before_launch(cfg, probe_tracking: bool) -> None:
+    """What a single run can check beyond `validate`: no pipeline around it (a pipeline hands
+    its ranks a resolved path, never 'previous'), and, in the launching process only, an MLflow
     store the ranks can write (an unwritable or corrupt store would fail them after start-up)."""
     if cfg.stage == "finetune" and cfg.finetune.init_from == "previous":
         raise ConfigError("finetune.init_from=previous means the previous stage of a pipeline, and this is a single "
                           "run; give a checkpoint file (e.g. <pretrain run>/export/model_fp32.pt) or run the stages "
                           "with `scaling pipeline run`")
-    if cfg.tracking.enabled:
+    if probe_tracking and cfg.tracking.enabled:
         from scaling.tracking import probe_store
 
         probe_store(cfg.tracking.tracking_uri)

@@ -16,7 +16,9 @@ config and starting weights, and resumes an interrupted stage from its last chec
 stage whose config or starting weights changed since it was started (a re-run upstream stage
 counts) is moved aside to `<stage>.replaced-<time>/` and starts afresh: resuming would mix
 two runs. MLflow: one parent run per
-pipeline, one nested run per stage.
+pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
+did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
+ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
 """
 from __future__ import annotations
 
@@ -345,6 +347,13 @@ class Lineage:
             info.update({k: v for k, v in json.loads(eval_file.read_text()).items() if k in ("top1", "top5", "videos")})
         if not self.enabled:
             return info
+        try:
+            self.tag_runs(stage, previous, info)
+        except Exception as e:  # noqa: BLE001 - the stage's weights are done; lineage tags must not fail the pipeline
+            warn(f"could not record stage '{stage.name}' in MLflow ({first_line(e)}); its weights are {stage.export}")
+        return info
+
+    def tag_runs(self, stage: Stage, previous: Stage | None, info: dict) -> None:
         run_file = stage.dir / "mlflow_run_id"
         if run_file.is_file():
             run_id = run_file.read_text().strip()
@@ -357,7 +366,6 @@ class Lineage:
         for key in ("top1", "top5"):
             if key in info:
                 self.client.log_metric(self.parent_id, f"{stage.name}.{key}", info[key])
-        return info
 
     def close(self, status: str) -> None:
         """The parent run's final status; a store that does not answer gets a warning, not a crash."""
