@@ -34,7 +34,12 @@ def cmd_train(args, stage: str | None = None) -> int:
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
-        return launch.launch_local("train", resolved, cfg.train.ranks) or exit_code_of_run(cfg)
+        code = launch.launch_local("train", resolved, cfg.train.ranks)
+        if code and cfg.tracking.enabled:  # a rank killed or stuck behind a dead one could not close its run
+            from scaling.tracking import fail_if_still_running
+
+            fail_if_still_running(cfg.tracking.tracking_uri, cfg.train.output_dir)
+        return code or exit_code_of_run(cfg)
     from scaling.train.pretrain import local_env_for_single_process
 
     # Ranks under an external launcher exit 0 when they stop early (a non-zero exit would read

@@ -378,13 +378,7 @@ class Lineage:
     def fail_stage_run(self, stage: Stage) -> None:
         """A stage whose ranks died without closing their run (killed, out of memory) leaves it
         RUNNING; it failed."""
-        run_file = stage.dir / "mlflow_run_id"
-        if not self.enabled or not run_file.is_file():
-            return
-        run_id = run_file.read_text().strip()
-        try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, status="FAILED")
-        except Exception as e:  # noqa: BLE001
-            warn(f"could not mark stage run {run_id} FAILED in MLflow ({first_line(e)})")
+        from scaling.tracking import fail_if_still_running
 
+        if self.enabled:
+            fail_if_still_running(stage.config.tracking.tracking_uri, stage.dir)
