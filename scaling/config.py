@@ -406,7 +406,6 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
 
 
-
 def validate_counts(cfg: RunConfig, world_size: int) -> None:
     """Counts that divide or repeat something: zero or negative would crash inside the ranks."""
     t = cfg.train
