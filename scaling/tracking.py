@@ -216,11 +216,17 @@ class MLflowTracker:
                 self.failing_since, tries = None, 0
 
     def _wait(self, seconds: float) -> None:
+        """Sleep between tries; new metrics do not cut it short (each step notifies), closing does
+        not either, but its deadline bounds it."""
+        deadline = time.monotonic() + seconds
         with self._cond:
-            deadline = time.monotonic() + seconds
-            if self._closing_until is not None:
-                deadline = min(deadline, self._closing_until)
-            self._cond.wait(max(0.0, deadline - time.monotonic()))
+            while True:
+                if self._closing_until is not None:
+                    deadline = min(deadline, self._closing_until)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _send(self, op: tuple) -> None:
         if op[0] == "metrics":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scaling.cli import main
+from scaling.config import load_config, validate
 from scaling.models.convert import UntrustedCheckpointError, load_checkpoint_file
 from scaling.train.checkpoint_trust import check_checkpoint_folder
 
@@ -78,6 +79,12 @@ def test_finetune_init_from_malicious_file_is_refused_before_launch(tmp_path, ca
     assert rc == 2 and err.count("\n") == 0 and "Traceback" not in err, err
     assert "finetune.init_from" in err and "--trust-checkpoint" in err
     assert not marker.exists() and not out.exists()
+    # With the override the check is skipped (the ranks will unpickle it in full); validation itself loads nothing.
+    trusted = load_config(REPO / "pipelines" / "pretrain_smoke.yaml", [
+        "stage=finetune", f"data.shards={shard}", f"finetune.init_from={evil}", "finetune.num_classes=4",
+        "finetune.trust_checkpoint=true"])
+    validate(trusted, 2)
+    assert not marker.exists()
 
 
 def crafted_run(tmp_path: Path, marker: Path, raw: bool = False) -> Path:
