@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from scaling.config import ConfigError
-from scaling.models.convert import CheckpointMismatchError
+from scaling.models.convert import CheckpointMismatchError, UntrustedCheckpointError
+
+TRUST_HELP = ("load checkpoints from elsewhere (finetune.init_from, export folders) with full unpickling, which "
+              "can run code stored in the file; only for files whose origin you trust")
 
 
 def cmd_synth(args) -> int:
@@ -23,13 +26,20 @@ def cmd_train(args, stage: str | None = None) -> int:
     from scaling import launch
     from scaling.config import load_config, save_config, validate
 
-    cfg = load_config(args.config, ([f"stage={stage}"] if stage else []) + args.overrides)
+    trust = ["finetune.trust_checkpoint=true"] if getattr(args, "trust_checkpoint", False) else []
+    cfg = load_config(args.config, ([f"stage={stage}"] if stage else []) + args.overrides + trust)
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
+    check_before_launch(cfg, probe_tracking=not launch.under_launcher())
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
-        return launch.launch_local("train", resolved, cfg.train.ranks) or exit_code_of_run(cfg)
+        code = launch.launch_local("train", resolved, cfg.train.ranks)
+        if code and cfg.tracking.enabled:  # a rank killed or stuck behind a dead one could not close its run
+            from scaling.tracking import fail_if_still_running
+
+            fail_if_still_running(cfg.tracking.tracking_uri, cfg.train.output_dir)
+        return code or exit_code_of_run(cfg)
     from scaling.train.pretrain import local_env_for_single_process
 
     # Ranks under an external launcher exit 0 when they stop early (a non-zero exit would read
@@ -47,6 +57,20 @@ def cmd_train(args, stage: str | None = None) -> int:
     return 0 if ranks_of_a_launcher else exit_code_of_run(cfg)
 
 
+def check_before_launch(cfg, probe_tracking: bool) -> None:
+    """What a single run can check beyond `validate`: no pipeline around it (a pipeline hands
+    its ranks a resolved path, never 'previous'), and, in the launching process only, an MLflow
+    store the ranks can write (an unwritable or corrupt store would fail them after start-up)."""
+    if cfg.stage == "finetune" and cfg.finetune.init_from == "previous":
+        raise ConfigError("finetune.init_from=previous means the previous stage of a pipeline, and this is a single "
+                          "run; give a checkpoint file (e.g. <pretrain run>/export/model_fp32.pt) or run the stages "
+                          "with `scaling pipeline run`")
+    if probe_tracking and cfg.tracking.enabled:
+        from scaling.tracking import probe_store
+
+        probe_store(cfg.tracking.tracking_uri)
+
+
 def exit_code_of_run(cfg) -> int:
     """0, or EXIT_STOPPED when the run saved a checkpoint and stopped early (run it again to resume)."""
     from scaling.train.signals import EXIT_STOPPED, stopped_early
@@ -55,14 +79,20 @@ def exit_code_of_run(cfg) -> int:
 
 
 def cmd_export(args) -> int:
-    import yaml
-
-    from scaling.train.checkpoint import export_fp32
+    from scaling.config import read_yaml
+    from scaling.train.checkpoint import export_fp32, latest_tag
 
     run = Path(args.run)
     cfg_file = run / "config.yaml"
-    extra = {"config": yaml.safe_load(cfg_file.read_text())} if cfg_file.is_file() else {}
-    out = export_fp32(run / "checkpoints", args.out or run / "export" / "model_fp32.pt", tag=args.tag, extra=extra)
+    extra = {"config": read_yaml(cfg_file)} if cfg_file.is_file() else {}
+    tag = args.tag or latest_tag(run / "checkpoints")
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'} (no 'latest' file); train first or pass --tag")
+    if not args.trust_checkpoint:  # DeepSpeed's consolidation unpickles every file in full
+        from scaling.train.checkpoint_trust import check_checkpoint_folder
+
+        check_checkpoint_folder(run / "checkpoints" / tag)
+    out = export_fp32(run / "checkpoints", args.out or run / "export" / "model_fp32.pt", tag=tag, extra=extra)
     print(f"wrote consolidated fp32 weights to {out}")
     return 0
 
@@ -84,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--config", required=True, help="YAML run config, e.g. pipelines/pretrain_smoke.yaml")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
+        s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
         s.set_defaults(func=lambda a, stage=stage: cmd_train(a, stage))
 
     s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
     s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")
     s.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=cmd_export)
     from scaling.cli_labels import add_labels_parser
     from scaling.cli_pipeline import add_pipeline_parser
@@ -107,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, CheckpointMismatchError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointMismatchError, UntrustedCheckpointError) as e:
         print(f"scaling {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ import sys
 
 
 def cmd_run(args) -> int:
-    from scaling.pipeline import StageStoppedEarly, run_pipeline
+    from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
     from scaling.train.signals import EXIT_STOPPED
 
     try:
@@ -14,6 +14,9 @@ def cmd_run(args) -> int:
     except StageStoppedEarly as e:
         print(f"[pipeline] {e}", flush=True)
         return EXIT_STOPPED
+    except StageFailed as e:  # the ranks' traceback is in the log the sentence names
+        print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
+        return 1
     for name, info in summary.items():
         print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0

@@ -8,7 +8,9 @@ is launched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,40 @@ SAMPLINGS = ("stride", "segments")
 
 class ConfigError(ValueError):
     """A user-fixable config problem; the message is one sentence naming the key and the fix."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that exponent numbers without a dot (1e-3, 1e6) are numbers:
+    YAML 1.1 reads them as strings, YAML 1.2 and JSON as numbers, and users write them so."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+NUMBER = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$")
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> Python values; a syntax error becomes one sentence with line and column
+    (the column alone for one line of text, such as an override's value)."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        line = "" if "\n" not in text.strip() else f"line {mark.line + 1}, " if mark is not None else ""
+        at = f" at {line}column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}; fix the syntax there "
+                          "(quote values that contain ':', '#', '[' or '{')") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file that must hold a mapping (or nothing)."""
+    data = parse_yaml(Path(path).read_text(), f"'{path}'")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must hold a mapping of keys (e.g. 'train: {{steps: 40}}'), not a {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -137,6 +173,9 @@ class FinetuneConfig:
     val_shards: str = ""  # evaluated with test_clips x test_crops views after training
     test_clips: int = 5
     test_crops: int = 3
+    # Load `init_from` with full unpickling even if it holds objects that can run code
+    # (`--trust-checkpoint`); by default only weights and plain values are read.
+    trust_checkpoint: bool = False
 
 
 @dataclass
@@ -215,10 +254,14 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
         return value
     if annotation is int:
+        value = _number(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e6 steps
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if annotation is float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -227,6 +270,14 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {annotation} for {key}")
+
+
+def _number(value):
+    """A string that spells a number ('1e-3' from a YAML 1.1 reader, a quoted '0.5') as that number."""
+    if isinstance(value, str) and NUMBER.match(value.strip()):
+        text = value.strip().replace("_", "")
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    return value
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -261,7 +312,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a config section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw, f"the value of override '{item}'")
     return data
 
 
@@ -271,7 +322,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. pipelines/pretrain_smoke.yaml")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p)
     return build_run_config(apply_overrides(data, list(overrides)))
 
 
@@ -362,6 +413,8 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
     """Everything a user can get wrong, refused before any rank starts. `check_files=False`
     checks the values only (`scaling pipeline show` before the shards and weights exist)."""
     m, t, k, d, o = cfg.model, cfg.train, cfg.mask, cfg.data, cfg.optim
+    validate_counts(cfg, world_size)
+    validate_ds_json(cfg)
     if cfg.stage not in ("pretrain", "finetune"):
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose pretrain or finetune")
     if m.name not in VIT_SIZES:
@@ -416,6 +469,7 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
     if d.num_videos < 0:
         raise ConfigError(f"data.num_videos must be 0 (unknown) or the number of videos, got {d.num_videos}")
     if cfg.stage == "finetune":
+        validate_finetune_inputs(cfg)
         validate_finetune(cfg, world_size, check_files)
         return
     if d.sampling != "stride":
@@ -427,3 +481,56 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
 
+
+def validate_counts(cfg: RunConfig, world_size: int) -> None:
+    """Counts that divide or repeat something: zero or negative would crash inside the ranks."""
+    t = cfg.train
+    if t.ranks < 1 or world_size < 1:
+        raise ConfigError(f"train.ranks must be at least 1, got {t.ranks if t.ranks < 1 else world_size}; "
+                          "set train.ranks=1 for one process or the number of local processes to start")
+    for key in ("save_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1 (steps between {key.split('_')[0]}s), got {getattr(t, key)}")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints must be 0 (keep all) or more, got {t.keep_checkpoints}")
+
+
+# DeepSpeed keys the run config computes (scaling/train/engine.py merges them into the JSON).
+DS_OWNED_KEYS = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.global_batch",
+                 "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.clip_grad",
+                 "bf16": "train.precision", "fp16": "train.precision", "optimizer": "optim.*",
+                 "scheduler": "optim.* (warmup-cosine)"}
+
+
+def validate_ds_json(cfg: RunConfig) -> None:
+    """The DeepSpeed JSON parses and leaves to the run config what the run config decides."""
+    path = resolve_ds_config(cfg.train.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.ds_config {path} must hold a JSON object")
+    clashes = [k for k in DS_OWNED_KEYS if k in ds]
+    if clashes:
+        owners = ", ".join(f"{k} (set by {DS_OWNED_KEYS[k]})" for k in clashes)
+        raise ConfigError(f"train.ds_config {path} sets {owners}, which the run config computes; remove those keys "
+                          "from the JSON and set the run config keys instead")
+
+
+def validate_finetune_inputs(cfg: RunConfig) -> None:
+    """What a supervised stage reads: labelled shards, and weights that load without running code."""
+    f = cfg.finetune
+    if cfg.data.source != "shards":
+        raise ConfigError(f"data.source={cfg.data.source} has no labels, so a fine-tune stage cannot use it; "
+                          "set data.source=shards and data.shards to labelled shards (e.g. from `scaling synth`)")
+    if f.init_from not in ("", "previous") and Path(f.init_from).is_file() and not f.trust_checkpoint:
+        from scaling.models.convert import UntrustedCheckpointError, safe_load
+
+        try:
+            safe_load(Path(f.init_from), mmap=True)  # the ranks' own unpickler, tensors mapped, not read
+        except UntrustedCheckpointError as e:
+            raise ConfigError(f"finetune.init_from {e}") from None
+        except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint at all
+            raise ConfigError(f"finetune.init_from {f.init_from} cannot be read as a checkpoint ({str(e).splitlines()[0][:200]}); "
+                              "give an exported .pt/.pth file") from None

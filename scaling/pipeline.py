@@ -16,21 +16,24 @@ config and starting weights, and resumes an interrupted stage from its last chec
 stage whose config or starting weights changed since it was started (a re-run upstream stage
 counts) is moved aside to `<stage>.replaced-<time>/` and starts afresh: resuming would mix
 two runs. MLflow: one parent run per
-pipeline, one nested run per stage.
+pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
+did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
+ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
-from scaling.config import ConfigError, RunConfig, apply_overrides, build_run_config, save_config, to_dict, validate
-from scaling.tracking import flatten
+from scaling.config import ConfigError, RunConfig, apply_overrides, build_run_config, read_yaml, save_config, to_dict, validate
+from scaling.tracking import first_line, flatten, warn
 
 EXPORT = Path("export") / "model_fp32.pt"
 STARTED, DONE = "STARTED.json", "DONE.json"  # the fingerprint a stage was launched / finished with
@@ -39,6 +42,10 @@ PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages"
 
 class StageStoppedEarly(RuntimeError):
     """A stage saved a checkpoint and stopped before its end (preemption notice, wall-time guard)."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's ranks exited with an error; the message names the stage, the cause and its log."""
 
 
 @dataclass
@@ -86,7 +93,7 @@ def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline file '{path}' does not exist; pass one of pipelines/*.yaml")
-    raw = apply_overrides(yaml.safe_load(p.read_text()) or {}, list(overrides))
+    raw = apply_overrides(read_yaml(p), list(overrides))
     unknown = set(raw) - PIPELINE_KEYS
     if unknown:
         raise ConfigError(f"unknown pipeline key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(PIPELINE_KEYS))}")
@@ -94,7 +101,9 @@ def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None)
         raise ConfigError(f"pipeline '{path}' has no stages; add a 'stages:' mapping of stage name -> run config")
     name = raw.setdefault("name", p.stem)
     out = Path(raw.get("output_dir", f"runs/{name}"))
-    ranks = int(raw.get("ranks", 1))
+    ranks = raw.get("ranks", 1)
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ConfigError(f"pipeline key 'ranks' must be a whole number of at least 1, got {ranks!r}")
     stages = []
     for stage_name, body in raw["stages"].items():
         data = merge(raw.get("defaults", {}), body or {})
@@ -210,12 +219,31 @@ def complete_stage(stage: Stage, cfg: RunConfig, fp: dict) -> None:
 
 
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
-    from scaling.launch import launch_local
-    from scaling.train.signals import stopped_early
+    """Run the stages; the parent MLflow run ends FINISHED, KILLED (a stage stopped early,
+    Ctrl-C) or FAILED (a stage failed, anything raised)."""
+    from scaling.tracking import probe_store
 
     pipe = load_pipeline(path, overrides)
     todo = select(pipe.stages, start, until)
+    first = pipe.stages[0].config.tracking
+    if first.enabled:
+        probe_store(first.tracking_uri)
     lineage = Lineage(pipe)
+    try:
+        summary = run_stages(pipe, todo, lineage)
+    except (StageStoppedEarly, KeyboardInterrupt):
+        lineage.close("KILLED")
+        raise
+    except BaseException:
+        lineage.close("FAILED")
+        raise
+    lineage.close("FINISHED")
+    return summary
+
+
+def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
+    from scaling.train.signals import stopped_early
+
     summary = {}
     for stage in todo:
         cfg, fp = resolve(pipe, stage, lineage.parent_id)
@@ -224,20 +252,65 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
         else:
             config = start_stage(stage, cfg, fp)
             print(f"[pipeline] {stage.name}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
-            code = launch_local("train", config, pipe.ranks)
+            code = launch_stage(stage, config, pipe.ranks)
             if code != 0:
-                lineage.close("FAILED")
-                raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); fix the cause and re-run the same "
-                                   "command: finished stages are skipped and this one resumes from its last checkpoint")
+                lineage.fail_stage_run(stage)
+                raise stage_failed(stage, code)
             early = stopped_early(stage.dir)
             if early:
-                lineage.close("KILLED")
                 raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
                                         "with its checkpoint saved; re-run the same command to resume it")
             complete_stage(stage, cfg, fp)
         summary[stage.name] = lineage.record(stage, pipe.previous(stage))
-    lineage.close("FINISHED")
     return summary
+
+
+LOGS = "logs"
+TORCHRUN_LOG_ENV = {"PET_LOG_DIR": None, "PET_TEE": "3"}  # torchrun's --log-dir and --tee, read from its environment
+
+
+def launch_stage(stage: Stage, config: Path, ranks: int) -> int:
+    """The stage's ranks on this machine; torchrun also writes every rank's output under
+    <stage>/logs/<run>/attempt_<n>/<local rank>/{stdout,stderr}.log, which a failure names."""
+    from scaling.launch import launch_local
+
+    logs = stage.dir / LOGS
+    logs.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in TORCHRUN_LOG_ENV}
+    os.environ.update({k: v or str(logs) for k, v in TORCHRUN_LOG_ENV.items()})
+    try:
+        return launch_local("train", config, ranks)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def stage_failed(stage: Stage, code: int) -> StageFailed:
+    """One sentence: the stage, its exit code, the error its ranks raised and the log holding it."""
+    log, cause = failure_log(stage.dir / LOGS)
+    where = f"; its log is {log}" if log else f"; its ranks' output is above (no log under {stage.dir / LOGS})"
+    because = f" with {cause}" if cause else ""
+    return StageFailed(f"stage '{stage.name}' failed (exit {code}){because}{where}; fix the cause and re-run the same "
+                       "command: finished stages are skipped and this one resumes from its last checkpoint")
+
+
+def failure_log(logs: Path) -> tuple[Path | None, str]:
+    """The newest launch's rank log that holds an error, and that error's last line."""
+    launches = sorted((d for d in logs.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if not launches:
+        return None, ""
+    files = sorted(launches[-1].glob("attempt_*/*/stderr.log"))
+    for f in files:
+        errors = [m.group(1) for line in f.read_text(errors="replace").splitlines() if (m := ERROR_LINE.match(line.strip()))]
+        if errors:
+            return f, errors[-1][:300]
+    return (files[0] if files else launches[-1]), ""
 
 
 class Lineage:
@@ -274,6 +347,13 @@ class Lineage:
             info.update({k: v for k, v in json.loads(eval_file.read_text()).items() if k in ("top1", "top5", "videos")})
         if not self.enabled:
             return info
+        try:
+            self.tag_runs(stage, previous, info)
+        except Exception as e:  # noqa: BLE001 - the stage's weights are done; lineage tags must not fail the pipeline
+            warn(f"could not record stage '{stage.name}' in MLflow ({first_line(e)}); its weights are {stage.export}")
+        return info
+
+    def tag_runs(self, stage: Stage, previous: Stage | None, info: dict) -> None:
         run_file = stage.dir / "mlflow_run_id"
         if run_file.is_file():
             run_id = run_file.read_text().strip()
@@ -286,9 +366,19 @@ class Lineage:
         for key in ("top1", "top5"):
             if key in info:
                 self.client.log_metric(self.parent_id, f"{stage.name}.{key}", info[key])
-        return info
 
     def close(self, status: str) -> None:
+        """The parent run's final status; a store that does not answer gets a warning, not a crash."""
         if self.enabled and self.parent_id:
-            self.client.set_terminated(self.parent_id, status=status)
+            try:
+                self.client.set_terminated(self.parent_id, status=status)
+            except Exception as e:  # noqa: BLE001
+                warn(f"could not mark pipeline run {self.parent_id} {status} in MLflow ({first_line(e)})")
 
+    def fail_stage_run(self, stage: Stage) -> None:
+        """A stage whose ranks died without closing their run (killed, out of memory) leaves it
+        RUNNING; it failed."""
+        from scaling.tracking import fail_if_still_running
+
+        if self.enabled:
+            fail_if_still_running(stage.config.tracking.tracking_uri, stage.dir)

@@ -31,6 +31,7 @@ import yaml
 
 from scaling.config import ConfigError
 from scaling.pipeline import Lineage, Pipeline, Stage, complete_stage, finished, load_pipeline, resolve, start_stage
+from scaling.tracking import probe_store
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "slurm" / "launch.sh"
 
@@ -116,6 +117,8 @@ def submit_pipeline(path: str, overrides: list[str] = (), extra_sbatch: list[str
         after = [None] + ["<job of the stage before>"] * len(todo)
         return finished_first + [{"stage": s.name, "sbatch": ["sbatch", *sbatch_args(pipe, s, shapes[s.name], a),
                                                               *extra_sbatch, str(LAUNCHER)]} for s, a in zip(todo, after)]
+    if pipe.stages[0].config.tracking.enabled:  # the jobs would fail on a store they cannot write
+        probe_store(pipe.stages[0].config.tracking.tracking_uri)
     frozen = pipe.output_dir / "slurm" / "pipeline.yaml"
     frozen.parent.mkdir(parents=True, exist_ok=True)
     frozen.write_text(yaml.safe_dump(pipe.raw, sort_keys=False))
@@ -179,6 +182,7 @@ def complete_for_job(path: str, stage_name: str, exit_code: int, overrides: list
     stage = pipe.stage(stage_name)
     lineage = Lineage(pipe)
     if exit_code != 0:
+        lineage.fail_stage_run(stage)
         lineage.close("FAILED")
         return {}
     cfg, fp = resolve(pipe, stage, lineage.parent_id)

@@ -235,8 +235,9 @@ def test_head_type_changes_start_the_head_fresh():
 # ---------------------------------------------------------------- config and recipe
 
 
-def finetune_cfg(*overrides):
-    return load_config(None, ["stage=finetune", "data.source=noise", "model.name=debug", "model.input_size=64",
+def finetune_cfg(*overrides, shards: Path):
+    """Fine-tunes read labelled shards (noise has no labels); validation only checks they exist."""
+    return load_config(None, ["stage=finetune", f"data.shards={shards}", "model.name=debug", "model.input_size=64",
                               "finetune.num_classes=4", *overrides])
 
 
@@ -248,15 +249,19 @@ def finetune_cfg(*overrides):
     ("finetune.reconstruction_weight=-1", "finetune.reconstruction_weight must be 0 (no decoder) or positive"),
     ("finetune.head_drop=1.5", "finetune.head_drop must be in [0, 1)"),
 ])
-def test_bad_mar_values_are_refused_in_one_sentence(monkeypatch, request, override, fragment):
+def test_bad_mar_values_are_refused_in_one_sentence(monkeypatch, request, tmp_path, override, fragment):
     monkeypatch.chdir(request.config.rootpath)  # the default ds_config path
-    cfg = finetune_cfg("mask.finetune=running_cell", override) if "ratio" in override else finetune_cfg(override)
+    shards = tmp_path / "shard-000000.tar"
+    shards.write_bytes(b"")
+    cfg = finetune_cfg("mask.finetune=running_cell", override, shards=shards) if "ratio" in override \
+        else finetune_cfg(override, shards=shards)
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
     assert fragment in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="even number of patches"):
-        validate(finetune_cfg("mask.finetune=running_cell", "model.input_size=48"), 1)
-    validate(finetune_cfg("model.head=bridging", "mask.finetune=running_cell", "finetune.reconstruction_weight=0.01"), 1)
+        validate(finetune_cfg("mask.finetune=running_cell", "model.input_size=48", shards=shards), 1)
+    validate(finetune_cfg("model.head=bridging", "mask.finetune=running_cell", "finetune.reconstruction_weight=0.01",
+                          shards=shards), 1)
 
 
 def test_smoke_mar_recipe_builds_the_mar_finetune_model():

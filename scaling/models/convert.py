@@ -34,7 +34,10 @@ DeepSpeed-free); shape checks already read `ds_shape`.
 """
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -65,18 +68,42 @@ class CheckpointMismatchError(RuntimeError):
 # ---------------------------------------------------------------- files and key clean-up
 
 
-def load_checkpoint_file(path: str | Path) -> dict:
-    """`torch.load` on the CPU; plain tensors first, full unpickling only when the file needs it
-    (DeepSpeed and the public checkpoints also pickle configs and argparse namespaces)."""
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint holds Python objects that unpickling would run; refused unless trusted."""
+
+
+# Objects besides tensors and plain containers that public VideoMAE (V2) checkpoints pickle:
+# its `save_model` stores the run's argparse arguments under "args".
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
+TRUST_FLAG = "--trust-checkpoint (or finetune.trust_checkpoint: true in the config)"
+
+
+def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict:
+    """`torch.load` on the CPU with PyTorch's weights-only unpickler: tensors, containers,
+    numbers, strings and `CHECKPOINT_SAFE_GLOBALS`, nothing that can run code. Anything else is
+    refused in one sentence, unless `trust` (the user vouches for the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass the exported weights of the previous stage "
             f"(e.g. <output_dir>/export.pth, checkpoint-N.pth or mp_rank_00_model_states.pt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
+
+
+def safe_load(path: Path, extra_globals: list = (), mmap: bool = False):
+    """`torch.load(weights_only=True)` with the allow-list; `mmap` maps tensors instead of reading
+    them (a cheap check of a zip-format file before any rank starts)."""
+    try:
+        with torch.serialization.safe_globals([*CHECKPOINT_SAFE_GLOBALS, *extra_globals]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        objects = ", ".join(sorted(set(re.findall(r"(?:GLOBAL|global) ([\w.]+)", str(e))))) or "unknown objects"
+        raise UntrustedCheckpointError(
+            f"{path} holds Python objects that loading would execute ({objects}), not only weights; it was "
+            f"refused because such a file can run code on this machine; if you trust where it came from, "
+            f"pass {TRUST_FLAG}") from None
 
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:

@@ -13,7 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from scaling.config import RunConfig, micro_batch, resolve_ds_config
+from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
 from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
     clips_per_step,
@@ -26,9 +26,9 @@ from scaling.train.schedule import (  # noqa: F401  (re-exported: the training l
     warmup_lr,
 )
 
-# Keys the run config owns; a DeepSpeed JSON that sets them is refused instead of overridden.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+# Keys the run config owns; a DeepSpeed JSON that sets them is refused (by config.validate,
+# before launch) instead of overridden.
+OWNED_KEYS = tuple(DS_OWNED_KEYS)
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:

@@ -27,6 +27,7 @@ from scaling.evaluate import evaluate
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import finetune_drop_mask
 from scaling.models.classify import VideoClassifier, build_classifier
+from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
 from scaling.train.init_weights import load_initial_weights
@@ -106,6 +107,7 @@ def finetune_loss(model, video: torch.Tensor, target: torch.Tensor, criterion, d
     return cls + reconstruction_weight * rec, {"loss_cls": cls.detach(), "loss_rec": rec.detach()}
 
 
+@closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED
 def run_finetune(cfg: RunConfig) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
     rank, world = init_ranks()
@@ -120,7 +122,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     model.set_grad_checkpointing(m.activation_checkpointing)
     if f.init_from and checkpoint.latest_tag(ckpt_dir) is None:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
-        fresh = load_initial_weights(model, f.init_from)
+        fresh = load_initial_weights(model, f.init_from, f.trust_checkpoint)
         if model.reconstruction is not None and rank == 0:
             source = "its init (no decoder in that checkpoint)" if any(k.startswith("reconstruction.") for k in fresh) else "that checkpoint's decoder"
             print(f"[scaling] reconstruction branch starts from {source}", flush=True)

@@ -18,11 +18,12 @@ from scaling.models.convert import FRESH_PREFIXES, check_fit, encoder_weights_fo
 FRESH = FRESH_PREFIXES
 
 
-def load_initial_weights(model: nn.Module, path: str) -> list[str]:
+def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> list[str]:
     """Encoder weights of any of our exports or a public checkpoint; a 710-way head becomes the
     model's 400/600/700-way head through the K710 index maps (`convert.adapt_head`). Returns
-    the model's keys the checkpoint did not set (left at their init)."""
-    return load_gathered(model, encoder_weights_for_classifier(load_checkpoint_file(path), model))
+    the model's keys the checkpoint did not set (left at their init). The file is read with
+    the weights-only unpickler unless `trust` (finetune.trust_checkpoint)."""
+    return load_gathered(model, encoder_weights_for_classifier(load_checkpoint_file(path, trust), model))
 
 
 def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = FRESH) -> list[str]:

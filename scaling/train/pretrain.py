@@ -19,6 +19,7 @@ from scaling.data.transforms import normalize_video
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
+from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
@@ -65,6 +66,7 @@ def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
     return batches, lambda: loader.stats
 
 
+@closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED
 def run_pretrain(cfg: RunConfig) -> list[float]:
     """Train until `train.steps` (or `max_steps_this_run` more steps); returns this run's losses."""
     rank, world = init_ranks()
