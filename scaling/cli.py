@@ -79,22 +79,64 @@ def exit_code_of_run(cfg) -> int:
 
 
 def cmd_export(args) -> int:
+    """A run folder's checkpoint -> fp32 `.pt` (always), then the asked format beside it; or an
+    existing `.pt` export -> safetensors / a transformers folder."""
+    src = Path(args.run)
+    if src.is_file():
+        if args.format == "pt":
+            raise ConfigError(f"{src} is already a .pt export; pass --format safetensors or --format hf to convert it")
+        return export_formats(src, args)
     from scaling.config import read_yaml
     from scaling.train.checkpoint import export_fp32, latest_tag
 
-    run = Path(args.run)
-    cfg_file = run / "config.yaml"
+    cfg_file = src / "config.yaml"
     extra = {"config": read_yaml(cfg_file)} if cfg_file.is_file() else {}
-    tag = args.tag or latest_tag(run / "checkpoints")
+    tag = args.tag or latest_tag(src / "checkpoints")
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'} (no 'latest' file); train first or pass --tag")
+        raise FileNotFoundError(f"no checkpoint in {src / 'checkpoints'} (no 'latest' file); train first or pass --tag")
     if not args.trust_checkpoint:  # DeepSpeed's consolidation unpickles every file in full
         from scaling.train.checkpoint_trust import check_checkpoint_folder
 
-        check_checkpoint_folder(run / "checkpoints" / tag)
-    out = export_fp32(run / "checkpoints", args.out or run / "export" / "model_fp32.pt", tag=tag, extra=extra)
+        check_checkpoint_folder(src / "checkpoints" / tag)
+    pt_out = args.out if args.format == "pt" and args.out else src / "export" / "model_fp32.pt"
+    out = export_fp32(src / "checkpoints", pt_out, tag=tag, extra=extra)
     print(f"wrote consolidated fp32 weights to {out}")
+    return 0 if args.format == "pt" else export_formats(out, args)
+
+
+def export_formats(pt_file: Path, args) -> int:
+    """Our `.pt` export as safetensors (+ JSON of its run config) or a transformers VideoMAE folder."""
+    from scaling.models.convert import load_checkpoint_file
+    from scaling.models.export_hf import ExportFormatError, write_hf_folder, write_safetensors
+
+    export = load_checkpoint_file(pt_file, trust=args.trust_checkpoint)
+    try:
+        if args.format == "safetensors":
+            out = write_safetensors(export, args.out or pt_file.with_name("model.safetensors"))
+            print(f"wrote safetensors weights to {out} (run config in {out.with_suffix('.json')})")
+        else:
+            out = write_hf_folder(export, args.out or pt_file.parent / "hf", class_names_for(args.classes))
+            print(f"wrote a transformers VideoMAE folder to {out} (config.json, model.safetensors)")
+    except ExportFormatError as e:
+        raise ConfigError(str(e)) from None
     return 0
+
+
+def class_names_for(classes: str | None) -> list[str] | None:
+    """`k400`/`k600`/`k700`/`k710` (the shipped Kinetics lists) or a file of one name per line."""
+    if not classes:
+        return None
+    from scaling.data.kinetics import load_class_list, load_k710_classes
+
+    if classes in ("k400", "k600", "k700"):
+        return load_class_list(int(classes[1:]))
+    if classes == "k710":
+        return load_k710_classes()
+    path = Path(classes)
+    if not path.is_file():
+        raise FileNotFoundError(f"--classes {classes}: not k400/k600/k700/k710 and no such file; give one of those "
+                                "or a text file with one class name per line")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
         s.set_defaults(func=lambda a, stage=stage: cmd_train(a, stage))
 
-    s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights")
-    s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml)")
+    s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights "
+                                      "(.pt, safetensors, or a Hugging Face transformers folder)")
+    s.add_argument("run", help="the run's output_dir (holds checkpoints/ and config.yaml), or a .pt export to convert")
     s.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    s.add_argument("--out", default=None, help="output .pt (default: <run>/export/model_fp32.pt)")
+    s.add_argument("--format", choices=("pt", "safetensors", "hf"), default="pt",
+                   help="pt: our fp32 state dict (always written for a run folder); safetensors: the same keys "
+                        "without pickle, plus a JSON of the run config; hf: a folder transformers' VideoMAEModel / "
+                        "VideoMAEForVideoClassification loads with from_pretrained")
+    s.add_argument("--classes", default=None,
+                   help="--format hf: class names for id2label: k400, k600, k700, k710, or a file of one name per line")
+    s.add_argument("--out", default=None, help="output path (default: <run>/export/model_fp32.pt, "
+                                               "model.safetensors beside it, or the folder hf/ beside it)")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=cmd_export)
     from scaling.cli_labels import add_labels_parser

@@ -85,3 +85,20 @@ def test_safetensors_export_keeps_our_keys_and_config(tmp_path):
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert json.loads(path.with_suffix(".json").read_text())["config"]["model"]["name"] == "debug"
+
+
+def test_cli_converts_a_pt_export_to_safetensors_and_a_transformers_folder(tmp_path, capsys):
+    from scaling.cli import main
+
+    model = build_classifier("debug", 3, 4, 64)
+    torch.save(export_of(model, "debug", 4, 64), tmp_path / "model_fp32.pt")
+    (tmp_path / "classes.txt").write_text("run\nwalk\njump\n")
+    assert main(["export", str(tmp_path / "model_fp32.pt"), "--format", "hf", "--classes", str(tmp_path / "classes.txt")]) == 0
+    theirs = load_hf(transformers.VideoMAEForVideoClassification, tmp_path / "hf")
+    assert theirs.config.id2label == {0: "run", 1: "walk", 2: "jump"}
+    assert main(["export", str(tmp_path / "model_fp32.pt"), "--format", "safetensors"]) == 0
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.json").is_file()
+    # A .pt is already a .pt; and a class list that does not fit the head is refused in one sentence.
+    assert main(["export", str(tmp_path / "model_fp32.pt")]) == 2
+    assert main(["export", str(tmp_path / "model_fp32.pt"), "--format", "hf", "--classes", "k400"]) == 2
+    assert "400 class names were given for a 3-way head" in capsys.readouterr().err
