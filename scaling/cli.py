@@ -86,7 +86,10 @@ def explain_failure(args, cfg, code: int) -> int:
     if code == EXIT_INTERRUPTED:
         print(f"scaling {args.command}: stopped without saving", file=sys.stderr)
     elif failed.is_file():
+        from scaling.train.checkpoint import EXIT_FAILED
+
         print(f"scaling {args.command}: error: {failed.read_text().strip()}", file=sys.stderr)
+        return EXIT_FAILED  # torchrun says 1 whatever the ranks said
     return code
 
 

@@ -31,7 +31,7 @@ from scaling.train.engine import build_model, clips_per_step, initialize, input_
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.guard import DivergenceGuard
-from scaling.train.pretrain import guard_check, log_step, step_seed, summed
+from scaling.train.pretrain import log_step, step_seed, stop_if_diverged, summed
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest
 
@@ -164,7 +164,7 @@ def run_finetune(cfg: RunConfig) -> dict:
         dist.all_reduce(losses)
         losses = dict(zip(parts, (losses / world).tolist()))
         step_loss = losses.pop("loss")
-        finite = guard_check(guard, engine, step, step_loss, tracker, out, rank)  # DeepSpeed skipped it if not
+        finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         if f.reconstruction_weight <= 0:
             losses = {}  # loss_cls is the loss itself
         seconds = time.perf_counter() - t0
@@ -176,6 +176,7 @@ def run_finetune(cfg: RunConfig) -> dict:
                 "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
+        stop_if_diverged(guard, tracker, out, rank)
         stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
         if ((step + 1) % t.save_every == 0 and finite) or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,

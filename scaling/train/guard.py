@@ -38,7 +38,8 @@ def injected_nan_steps() -> set[int]:
 
 
 class DivergenceGuard:
-    """`inject(loss, step)` on every micro-step (test hook), `check(...)` once per step."""
+    """`inject(loss, step)` on every micro-step (test hook), `check(...)` once per step, then
+    (after logging the step) `raise_if_diverged()`."""
 
     def __init__(self, max_nonfinite: int, precision: str, last_good_step: int):
         self.max_nonfinite = max_nonfinite
@@ -47,14 +48,15 @@ class DivergenceGuard:
         self.in_a_row = 0
         self.last_good_step = last_good_step
         self.nan_steps = injected_nan_steps()
+        self.failure = ""  # set once the run must stop
 
     def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         return loss * float("nan") if step + 1 in self.nan_steps else loss
 
     def check(self, engine, step: int, step_loss: float) -> bool:
-        """True when the step was finite on every rank (all ranks agree); otherwise counts it and
-        raises Diverged after `max_nonfinite` in a row. Call on every rank after the boundary
-        `engine.step()`."""
+        """True when the step was finite on every rank (all ranks agree); otherwise counts it, and
+        after `max_nonfinite` in a row marks the run as diverged. Call on every rank after the
+        boundary `engine.step()`."""
         bad = torch.tensor([0.0 if self.finite_here(engine, step_loss) else 1.0])
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -65,15 +67,19 @@ class DivergenceGuard:
         self.skipped += 1
         self.in_a_row += 1
         if engine.was_step_applied():
-            raise Diverged(f"step {step + 1} was not finite and the optimizer applied it anyway (this DeepSpeed "
-                           f"set-up does not check gradients), so the weights are no longer trustworthy; resume from "
-                           f"the checkpoint of step {self.last_good_step} with a lower optim.base_lr")
-        if self.in_a_row >= self.max_nonfinite:
-            raise Diverged(f"training diverged: {self.in_a_row} steps in a row up to step {step + 1} had a non-finite "
-                           f"loss or gradient norm and were skipped; the newest checkpoint is from step "
-                           f"{self.last_good_step} or before, lower optim.base_lr (or raise optim.warmup_steps) and "
-                           f"run again with --allow-changed to resume from it")
+            self.failure = (f"step {step + 1} was not finite and the optimizer applied it anyway (this DeepSpeed "
+                            f"set-up does not check gradients), so the weights are no longer trustworthy; resume from "
+                            f"the checkpoint of step {self.last_good_step} with a lower optim.base_lr")
+        elif self.in_a_row >= self.max_nonfinite:
+            self.failure = (f"training diverged: {self.in_a_row} steps in a row up to step {step + 1} had a non-finite "
+                            f"loss or gradient norm and were skipped; the newest checkpoint is from step "
+                            f"{self.last_good_step} or before, lower optim.base_lr (or raise optim.warmup_steps) and "
+                            f"run again with --allow-changed to resume from it")
         return False
+
+    def raise_if_diverged(self) -> None:
+        if self.failure:
+            raise Diverged(self.failure)
 
     def finite_here(self, engine, step_loss: float) -> bool:
         if not math.isfinite(step_loss):

@@ -112,7 +112,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
             step_loss += loss.detach().float() / cfg.train.grad_accum
         dist.all_reduce(step_loss)
         step_loss = step_loss.item() / world
-        finite = guard_check(guard, engine, step, step_loss, tracker, out, rank)  # DeepSpeed skipped it if not
+        finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         losses.append(step_loss)
         seconds = time.perf_counter() - t0
         logging = (step + 1) % cfg.train.log_every == 0
@@ -124,6 +124,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
             log_step(tracker, out, step + 1, cfg.train.steps, metrics)
+        stop_if_diverged(guard, tracker, out, rank)
         stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
         if ((step + 1) % cfg.train.save_every == 0 and finite) or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
@@ -139,15 +140,16 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     return losses
 
 
-def guard_check(guard: DivergenceGuard, engine, step: int, step_loss: float, tracker, out: Path, rank: int) -> bool:
-    """The guard's verdict on this step; a diverged run is marked FAILED (MLflow, <output_dir>/FAILED)."""
+def stop_if_diverged(guard: DivergenceGuard, tracker, out: Path, rank: int) -> None:
+    """End a diverged run, marked FAILED (MLflow, <output_dir>/FAILED), before it saves again."""
     try:
-        return guard.check(engine, step, step_loss)
+        guard.raise_if_diverged()
     except Diverged as e:
         if rank == 0:
             print(f"[scaling] error: {e}", flush=True)
             checkpoint.record_failure(out, str(e))
             tracker.close("FAILED")
+        dist.barrier()  # no rank ends before rank 0 has recorded it (the launcher stops the rest when one ends)
         raise
 
 
