@@ -346,6 +346,7 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
         wait_for_step(out, stopped["step"] + 2, again)
         tree = process_tree(again.pid)
         again.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # Python runs one handler for signals that arrive together; a person is slower than this
         again.send_signal(signal.SIGINT)
         _, err = again.communicate(timeout=120)
     finally:
