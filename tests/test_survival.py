@@ -257,6 +257,10 @@ def test_latest_missing_or_naming_an_unfinished_save_resumes_the_newest_complete
     assert f"{ckpt / 'step00000006' / 'manifest.json'} is missing (the save did not finish)" in said
     assert (ckpt / "latest").read_text() == "step00000004"
     assert not (ckpt / "step00000006").exists()  # moved aside, never overwritten by the resumed run
+    (ckpt / "latest").unlink()
+    assert choose_resume_tag(ckpt, rank=0, world=1) == "step00000004"
+    assert f"{ckpt / 'latest'} is missing; resuming from the newest complete checkpoint, step00000004" in capsys.readouterr().out
+    assert (ckpt / "latest").read_text() == "step00000004"
 
 
 def test_pruning_keeps_the_last_checkpoint_taken_at_a_finite_loss(tmp_path):

@@ -271,8 +271,8 @@ def choose_resume_tag(ckpt_dir: str | Path, rank: int, world: int) -> str | None
             print(f"[scaling] checkpoint {tag} cannot be resumed from: {problem}; trying the one before it", flush=True)
     if rank == 0:
         if named != chosen and chosen is not None and not passed_over:
-            print(f"[scaling] {latest_file} is {'missing' if not latest_file.exists() else 'unreadable'}; "
-                  f"resuming from the newest complete checkpoint, {chosen}", flush=True)
+            what = (f"names {named}" if TAG.fullmatch(named) else "is unreadable") if latest_file.exists() else "is missing"
+            print(f"[scaling] {latest_file} {what}; resuming from the newest complete checkpoint, {chosen}", flush=True)
         if passed_over:
             set_aside(ckpt_dir, passed_over)
         if chosen is None:
