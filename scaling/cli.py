@@ -83,6 +83,7 @@ def explain_failure(args, cfg, code: int) -> int:
     from scaling.train.signals import EXIT_INTERRUPTED
 
     failed = Path(cfg.train.output_dir) / FAILED_FILE
+    close_mlflow_run(cfg, "KILLED" if code == EXIT_INTERRUPTED else "FAILED")
     if code == EXIT_INTERRUPTED:
         print(f"scaling {args.command}: stopped without saving", file=sys.stderr)
     elif failed.is_file():
@@ -91,6 +92,26 @@ def explain_failure(args, cfg, code: int) -> int:
         print(f"scaling {args.command}: error: {failed.read_text().strip()}", file=sys.stderr)
         return EXIT_FAILED  # torchrun says 1 whatever the ranks said
     return code
+
+
+def close_mlflow_run(cfg, status: str) -> None:
+    """Ranks that ended abruptly (a failed save, a second Ctrl-C) leave their MLflow run
+    RUNNING; the launching process closes it with how it really ended. The folder's lock means
+    no other live run can own it."""
+    run_file = Path(cfg.train.output_dir) / "mlflow_run_id"
+    if not cfg.tracking.enabled or not run_file.is_file():
+        return
+    try:
+        from mlflow import MlflowClient
+
+        from scaling.tracking import tracking_uri_or_default
+
+        client = MlflowClient(tracking_uri_or_default(cfg.tracking.tracking_uri))
+        run_id = run_file.read_text().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001 - tracking never turns a failure into a crash
+        print(f"[scaling] warning: could not mark MLflow run {status} ({e})", file=sys.stderr)
 
 
 def exit_code_of_run(cfg) -> int:

@@ -216,6 +216,8 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_p
 
         assert incomplete(out / "checkpoints", "step00000002", named_by_latest=True) is None
         assert all(unreadable(f) is None for f in (out / "checkpoints" / "step00000002").glob("*.pt"))
+        (run,) = mlflow_runs(tmp_path)
+        assert run.info.status == "FAILED"
     finally:
         subprocess.run(["umount", str(disk)])
 
@@ -359,6 +361,7 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
     assert again.returncode == 130, err[-3000:]
     assert "stopped without saving" in err
     assert not alive(tree)
+    assert mlflow_runs(tmp_path)[0].info.status == "KILLED"
 
 
 def test_config_change_check_lets_lengths_and_ranks_change_and_fresh_moves_the_folder(tmp_path, capsys):
