@@ -31,29 +31,35 @@ def cmd_train(args, stage: str | None = None) -> int:
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
     check_before_launch(cfg, probe_tracking=not launch.under_launcher())
+    claim_run_folder(cfg, args, launch.under_launcher())
     if not launch.under_launcher() and cfg.train.ranks > 1:
         resolved = Path(cfg.train.output_dir) / "config.launch.yaml"
         save_config(cfg, resolved)
         code = launch.launch_local("train", resolved, cfg.train.ranks)
-        if code and cfg.tracking.enabled:  # a rank killed or stuck behind a dead one could not close its run
-            from scaling.tracking import fail_if_still_running
-
-            fail_if_still_running(cfg.tracking.tracking_uri, cfg.train.output_dir)
-        return code or exit_code_of_run(cfg)
+        return explain_failure(args, cfg, code) if code else exit_code_of_run(cfg)
+    from scaling.train.checkpoint import EXIT_FAILED, RunFailed
     from scaling.train.pretrain import local_env_for_single_process
+    from scaling.train.signals import EXIT_INTERRUPTED
 
     # Ranks under an external launcher exit 0 when they stop early (a non-zero exit would read
     # as a crash to torchrun); the batch script reads <output_dir>/STOPPED instead.
     ranks_of_a_launcher = launch.under_launcher()
     local_env_for_single_process()
-    if cfg.stage == "pretrain":
-        from scaling.train.pretrain import run_pretrain
+    try:
+        if cfg.stage == "pretrain":
+            from scaling.train.pretrain import run_pretrain
 
-        run_pretrain(cfg)
-    else:
-        from scaling.train.finetune import run_finetune
+            run_pretrain(cfg)
+        else:
+            from scaling.train.finetune import run_finetune
 
-        run_finetune(cfg)
+            run_finetune(cfg)
+    except RunFailed as e:  # divergence, a failed save: said in one sentence, recorded in <output_dir>/FAILED
+        print(f"scaling {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # a second Ctrl-C on a 1-rank run
+        print(f"scaling {args.command}: stopped without saving", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0 if ranks_of_a_launcher else exit_code_of_run(cfg)
 
 
@@ -69,6 +75,46 @@ def check_before_launch(cfg, probe_tracking: bool) -> None:
         from scaling.tracking import probe_store
 
         probe_store(cfg.tracking.tracking_uri)
+
+
+def claim_run_folder(cfg, args, under_launcher: bool) -> None:
+    """One run per output folder, and a resume keeps the experiment's config (or says so),
+    before any rank starts. Ranks started by `scaling` itself were checked by it."""
+    from scaling.resume_check import check_resume
+    from scaling.run_lock import LOCK_ENV, lock_run_folder
+
+    if os.environ.get(LOCK_ENV) == str(Path(cfg.train.output_dir).resolve()):
+        return
+    if under_launcher and args.fresh:
+        raise ConfigError(f"--fresh moves {cfg.train.output_dir} aside, which ranks under an external launcher "
+                          "cannot do together; move the folder aside yourself, or run without the launcher")
+    if under_launcher and os.environ.get("RANK") != "0":
+        check_resume(cfg, fresh=False, allow_changed=True, quiet=True)  # rank 0 speaks for the run
+        return
+    lock_run_folder(cfg.train.output_dir)  # before --fresh: never move a folder a live run writes into
+    check_resume(cfg, args.fresh, args.allow_changed)
+    lock_run_folder(cfg.train.output_dir)  # the new folder, after --fresh moved the old one (and its lock) aside
+
+
+def explain_failure(args, cfg, code: int) -> int:
+    """The ranks failed: repeat the one sentence they left in <output_dir>/FAILED, if any, last."""
+    from scaling.train.checkpoint import FAILED_FILE
+    from scaling.train.signals import EXIT_INTERRUPTED
+
+    failed = Path(cfg.train.output_dir) / FAILED_FILE
+    if cfg.tracking.enabled:  # ranks that ended abruptly could not close their run
+        from scaling.tracking import end_if_still_running
+
+        end_if_still_running(cfg.tracking.tracking_uri, cfg.train.output_dir,
+                             "KILLED" if code == EXIT_INTERRUPTED else "FAILED")
+    if code == EXIT_INTERRUPTED:
+        print(f"scaling {args.command}: stopped without saving", file=sys.stderr)
+    elif failed.is_file():
+        from scaling.train.checkpoint import EXIT_FAILED
+
+        print(f"scaling {args.command}: error: {failed.read_text().strip()}", file=sys.stderr)
+        return EXIT_FAILED  # torchrun says 1 whatever the ranks said
+    return code
 
 
 def exit_code_of_run(cfg) -> int:
@@ -157,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--config", required=True, help="YAML run config, e.g. pipelines/pretrain_smoke.yaml")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=40")
         s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+        s.add_argument("--fresh", action="store_true", help="start afresh: move a previous run in output_dir aside")
+        s.add_argument("--allow-changed", action="store_true",
+                       help="resume a run whose config changed (model, masking, data, optimizer, schedule)")
         s.set_defaults(func=lambda a, stage=stage: cmd_train(a, stage))
 
     s = sub.add_parser("export", help="consolidate a run's latest ZeRO checkpoint into fp32 weights "

@@ -143,6 +143,7 @@ class TrainConfig:
     # (scaling/train/schedule.py); sets the run's length when > 0
     epochs: int = 0
     max_steps_this_run: int = 0  # stop after this many steps (0 = until `steps`); for staged runs/tests
+    max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops as diverged
 
 
 @dataclass
@@ -441,6 +442,8 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
             f"train.global_batch={t.global_batch} is not divisible by ranks x grad_accum = {world_size} x {t.grad_accum}; "
             f"use a multiple of {world_size * t.grad_accum}"
         )
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     if t.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision '{t.precision}' is unknown; choose bf16, fp16 or fp32")
     if t.zero_stage not in (0, 1, 2, 3):

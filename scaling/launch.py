@@ -4,14 +4,27 @@ Under an external launcher (torchrun, deepspeed, srun with the env set) WORLD_SI
 in the environment and the run starts in-process; otherwise `train.ranks` local processes are
 started with torch's own elastic launcher, each re-entering `scaling <command>` with the
 resolved config.
+
+Stopping: torchrun and the ranks run in a session of their own, so a Ctrl-C in the terminal
+reaches only this process, which answers SIGINT/SIGTERM by writing `<output_dir>/STOP`: every
+rank sees it after its current step, all save that same step and exit (scaling/train/signals.py),
+and `scaling` exits with EXIT_STOPPED. (Signalling torchrun instead would make it terminate
+the ranks mid-step, without a save.) A second signal kills the whole process tree at once,
+without saving. Should this process die without a chance to answer (SIGKILL), the kernel sends
+torchrun SIGTERM (PR_SET_PDEATHSIG) and torchrun ends the ranks: nothing keeps running.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from scaling.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
 
 
 def free_port() -> int:
@@ -24,12 +37,95 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def launch_local(command: str, resolved_config: Path, ranks: int) -> int:
-    """Run `scaling <command> --config <resolved>` on `ranks` local processes; returns the exit code."""
+def launch_local(command: str, resolved_config: Path, ranks: int, out_dir: Path | None = None) -> int:
+    """Run `scaling <command> --config <resolved>` on `ranks` local processes; returns the exit
+    code. `out_dir` (default: the resolved config's folder) is locked for this run."""
+    from scaling.train.checkpoint import FAILED_FILE
+    from scaling.train.signals import CLEARED_ENV, EXIT_INTERRUPTED, STOP_FILE, STOPPED_FILE
+
+    out = Path(out_dir or Path(resolved_config).parent)
+    lock_run_folder(out)
+    try:
+        return _launch(command, resolved_config, ranks, out)
+    finally:
+        unlock_run_folder(out)
+
+
+def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
+    from scaling.train.checkpoint import FAILED_FILE
+    from scaling.train.signals import CLEARED_ENV, EXIT_INTERRUPTED, STOP_FILE, STOPPED_FILE
+
+    for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
+        (out / name).unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         "-m", "scaling.cli", command, "--config", str(resolved_config),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))))
-    return subprocess.call(cmd, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
+               **env_for_ranks(out), **{CLEARED_ENV: "1"})
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            (out / STOP_FILE).touch()
+            print(f"\n[scaling] {signal.Signals(signum).name}: the ranks save at the end of this step and stop "
+                  "(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+        else:
+            print(f"\n[scaling] {signal.Signals(signum).name} again: stopping every process now, without saving",
+                  file=sys.stderr, flush=True)
+            kill_tree(proc.pid)
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return EXIT_INTERRUPTED if len(signals) > 1 else code
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (the ranks run in sessions of their own, so
+    no process group holds them all)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything below it, children first seen before any dies."""
+    tree = descendants(pid)
+    for p in [pid, *tree]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in tree):
+        time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

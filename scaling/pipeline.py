@@ -378,7 +378,7 @@ class Lineage:
     def fail_stage_run(self, stage: Stage) -> None:
         """A stage whose ranks died without closing their run (killed, out of memory) leaves it
         RUNNING; it failed."""
-        from scaling.tracking import fail_if_still_running
+        from scaling.tracking import end_if_still_running
 
         if self.enabled:
-            fail_if_still_running(stage.config.tracking.tracking_uri, stage.dir)
+            end_if_still_running(stage.config.tracking.tracking_uri, stage.dir)

@@ -291,9 +291,10 @@ def _fail_unclosed_runs() -> None:
         tracker.close("FAILED")
 
 
-def fail_if_still_running(tracking_uri: str, run_dir: str | os.PathLike) -> None:
-    """After the ranks of `run_dir` exited with an error: a run its rank 0 could not close (it
-    was killed, or waited on a dead rank until the launcher ended it) is marked FAILED."""
+def end_if_still_running(tracking_uri: str, run_dir: str | os.PathLike, status: str = "FAILED") -> None:
+    """After the ranks of `run_dir` ended abruptly (killed, a failed save, a second Ctrl-C, or
+    waiting on a dead rank until the launcher ended them): a run its rank 0 could not close is
+    closed with how it really ended. The folder's run lock means no other live run owns it."""
     run_file = Path(run_dir) / "mlflow_run_id"
     if not run_file.is_file():
         return
@@ -303,9 +304,9 @@ def fail_if_still_running(tracking_uri: str, run_dir: str | os.PathLike) -> None
 
         client = MlflowClient(tracking_uri_or_default(tracking_uri))
         if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="FAILED")
+            client.set_terminated(run_id, status=status)
     except Exception as e:  # noqa: BLE001 - the run failed either way; the store's trouble is a footnote
-        warn(f"could not mark MLflow run {run_id} FAILED ({first_line(e)})")
+        warn(f"could not mark MLflow run {run_id} {status} ({first_line(e)})")
 
 
 def tracking_uri_or_default(uri: str = "") -> str:

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from scaling.cli import main
 from scaling.config import ConfigError
-from scaling.tracking import MLflowTracker, closes_runs_on_error, fail_if_still_running, probe_store
+from scaling.tracking import MLflowTracker, closes_runs_on_error, end_if_still_running, probe_store
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
@@ -164,8 +164,8 @@ def test_launcher_marks_a_run_its_killed_rank_left_running_failed(tmp_path):
     client = MlflowClient(uri)
     left_running = client.create_run(client.create_experiment("guard")).info.run_id
     (tmp_path / "mlflow_run_id").write_text(left_running)
-    fail_if_still_running(uri, tmp_path)
+    end_if_still_running(uri, tmp_path)
     assert client.get_run(left_running).info.status == "FAILED"
     client.set_terminated(left_running, status="KILLED")  # closed by its rank: left as it is
-    fail_if_still_running(uri, tmp_path)
+    end_if_still_running(uri, tmp_path)
     assert client.get_run(left_running).info.status == "KILLED"

@@ -1,70 +1,305 @@
-"""Checkpoints through DeepSpeed: save with run state, auto-resume, prune, export fp32 weights.
+"""Checkpoints through DeepSpeed: save with run state, resume from the newest good one, prune, export fp32 weights.
 
-Crash safety comes from DeepSpeed's own order of writes: every rank writes its shard into
-`<dir>/<tag>/`, and only then is `<dir>/latest` rewritten to name the new tag. A kill during
-a save leaves `latest` pointing at the previous complete checkpoint.
+A save is complete when every rank has written its files into `<dir>/<tag>/` and rank 0 has
+then written `<tag>/manifest.json` (each file and its size, the number of ranks that wrote
+them, the step's loss); only after that is `<dir>/latest` rewritten. Resume does not trust
+`latest` alone: it scans the tags newest first and takes the first one whose manifest matches
+the files on disk and whose files pass their zip checksums (torch.save writes a CRC-32 per
+entry), saying in one sentence why it passed over any newer one. Tags newer than the one
+resumed from are moved into `<dir>/set_aside-<time>/`, so the resumed run never writes over
+them. A tag without a manifest (written before manifests existed) counts only when `latest`
+names it, which DeepSpeed wrote after every rank had finished.
 
 A checkpoint written by a different number of ranks (a requeued job that came back on fewer
-or more nodes) is converted once, on rank 0, to DeepSpeed's universal format
-(`<tag>_universal/`, named by `latest_universal`) and loaded from there.
+or more nodes; the manifest says how many) is converted once, on rank 0, to DeepSpeed's
+universal format (`<tag>_universal/`, named by `latest_universal`) and loaded from there.
 """
 from __future__ import annotations
 
+import errno
+import json
+import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 TAG = re.compile(r"step\d{8}")
 UNIVERSAL = "_universal"
+FAILED_FILE = "FAILED"  # one sentence: why the last run of this folder ended with an error
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (a save that failed, a divergence); the message is one sentence."""
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(tag[4:])
+
+
 def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag `latest` names when that is a readable tag name of an existing folder, else the
+    newest tag with a manifest (a `latest` lost or overwritten with garbage does not hide them)."""
     f = Path(ckpt_dir) / LATEST
-    return f.read_text().strip() if f.is_file() else None
+    try:
+        name = f.read_text().strip() if f.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if TAG.fullmatch(name) and (Path(ckpt_dir) / name).is_dir():
+        return name
+    with_manifest = [t for t in tags_in(ckpt_dir) if read_manifest(Path(ckpt_dir) / t)]
+    return with_manifest[-1] if with_manifest else None
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> str:
+def tags_in(ckpt_dir: str | Path) -> list[str]:
+    """Tag folders, oldest first."""
+    d = Path(ckpt_dir)
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and TAG.fullmatch(p.name)) if d.is_dir() else []
+
+
+def read_manifest(tag_dir: Path) -> dict | None:
+    try:
+        return json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(tag_dir: Path, world: int, step: int, loss: float | None) -> None:
+    """Rank 0, once every rank has written: what a complete copy of this tag looks like."""
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {"step": step, "world": world, "loss": loss, "files": files}
+    write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int, loss: float | None = None) -> str:
+    """Every rank writes its files, then rank 0 the manifest, then `latest`; then old tags go.
+
+    An OS error on any rank (disk full, read-only folder) ends the run with one sentence; the
+    half-written tag is removed and the previous checkpoint stays what `latest` names."""
+    ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has written its shard before old tags go
+    previous = latest_tag(ckpt_dir)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:  # noqa: BLE001 - every failure of a save is reported the same way
+        save_failed(ckpt_dir, tag, step, previous, e, world=dist.get_world_size() if dist.is_initialized() else 1)
+    # DeepSpeed's save ends with a barrier: every rank's files are on disk here.
     if engine.global_rank == 0:
+        write_manifest(ckpt_dir / tag, dist.get_world_size() if dist.is_initialized() else 1, step, loss)
+        write_atomic(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep)
+    if dist.is_initialized():
+        dist.barrier()
     return tag
 
 
+def save_failed(ckpt_dir: Path, tag: str, step: int, previous: str | None, error: BaseException, world: int):
+    """Say what went wrong in one sentence and end this rank. With several ranks the rank ends
+    at once (os._exit): the others wait in DeepSpeed's collectives, and the launcher stops
+    them when this one is gone."""
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # frees the space a full disk needs for what follows
+    intact = f"the previous checkpoint step {step_of(previous)} is intact" if previous else "there is no earlier checkpoint"
+    message = f"{describe_os_error(error, ckpt_dir)} while saving step {step}; {intact}"
+    out_dir = ckpt_dir.parent
+    record_failure(out_dir, message)
+    if world > 1:
+        print(f"[scaling] error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILED)
+    raise RunFailed(message) from error
+
+
+EXIT_FAILED = 3  # the run ended with an error it explained in <output_dir>/FAILED
+
+
+def record_failure(out_dir: Path, message: str) -> None:
+    try:
+        write_atomic(Path(out_dir) / FAILED_FILE, message)
+    except OSError:
+        pass  # the sentence is on stderr too
+
+
+def describe_os_error(error: BaseException, path: Path) -> str:
+    """"no space left on <mount> (<device>)" and the like, from the errno anywhere on the
+    exception chain; torch.save's C++ writer loses the errno ("unexpected pos ... basic_ios"),
+    so a full file system is also recognised by its free space."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            if e.errno == errno.ENOSPC:
+                return f"no space left on {device_of(path)}"
+            return f"{os.strerror(e.errno).lower()} ({e.filename or path})"
+        e = e.__cause__ or e.__context__
+    try:
+        st = os.statvfs(path)
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return f"no space left on {device_of(path)}"
+    except OSError:
+        pass
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'unknown error'}"
+
+
+def device_of(path: Path) -> str:
+    """The mount point holding `path`, with its device as /proc/mounts names it."""
+    p = Path(path).resolve()
+    while not os.path.ismount(p):
+        p = p.parent
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mount = line.split()[:2]
+            if mount == str(p):
+                return f"{p} ({dev})"
+    except OSError:
+        pass
+    return str(p)
+
+
 def prune(ckpt_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` tags, never the one `latest` names."""
+    """Delete all but the newest `keep` tags, never the one `latest` names, and never the newest
+    one saved at a finite loss (the one to go back to after a divergence)."""
     if keep <= 0:
         return
-    current = latest_tag(ckpt_dir)
-    tags = sorted(p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and TAG.fullmatch(p.name))
-    for name in tags[:-keep]:
-        if name != current:
+    keep_too = {latest_tag(ckpt_dir), last_finite(ckpt_dir)}
+    for name in tags_in(ckpt_dir)[:-keep]:
+        if name not in keep_too:
             shutil.rmtree(Path(ckpt_dir) / name, ignore_errors=True)
             shutil.rmtree(Path(ckpt_dir) / (name + UNIVERSAL), ignore_errors=True)
 
 
+def last_finite(ckpt_dir: str | Path) -> str | None:
+    for name in reversed(tags_in(ckpt_dir)):
+        m = read_manifest(Path(ckpt_dir) / name)
+        if m and m.get("loss") is not None and math.isfinite(m["loss"]):
+            return name
+    return None
+
+
 def ranks_that_wrote(ckpt_dir: str | Path, tag: str) -> int:
-    """How many data-parallel ranks wrote a ZeRO checkpoint: one optimizer shard file each."""
+    """How many ranks wrote a checkpoint: its manifest says; an older tag without one is
+    counted by its optimizer shard files (one per data-parallel rank)."""
+    manifest = read_manifest(Path(ckpt_dir) / tag)
+    if manifest:
+        return int(manifest["world"])
     return len(list((Path(ckpt_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt")))
 
 
-def prepare_universal(ckpt_dir: str | Path, world: int, rank: int) -> bool:
-    """True if the latest checkpoint was written by another rank count and must be loaded as a
+def incomplete(ckpt_dir: Path, tag: str, named_by_latest: bool) -> str | None:
+    """Why a tag cannot be resumed from, as a phrase naming the file; None when its files are
+    all there at the sizes written. Cheap: a stat per file."""
+    tag_dir = ckpt_dir / tag
+    manifest = read_manifest(tag_dir)
+    if manifest is None:
+        if named_by_latest and any(tag_dir.glob("*model_states.pt")):
+            return None  # written before manifests existed
+        return f"{tag_dir / MANIFEST} is missing (the save did not finish)"
+    for name, size in manifest["files"].items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes where {size} were written"
+    return None
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a file of a checkpoint would not load (torch.save writes a zip with a CRC-32 per
+    entry, so overwritten bytes show without unpickling anything), else None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        return f"{path} is corrupt (entry {bad} fails its checksum)" if bad else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"{path} is not a readable checkpoint file ({e})"
+
+
+def first_unreadable(ckpt_dir: Path, tag: str, rank: int, world: int) -> str | None:
+    """The ranks share the reading: rank r checks every world-th file; all get the first problem."""
+    files = sorted(p for p in (ckpt_dir / tag).rglob("*.pt") if p.is_file())
+    mine = [problem for f in files[rank::world] if (problem := unreadable(f))]
+    if not (dist.is_initialized() and world > 1):
+        return mine[0] if mine else None
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine[0] if mine else None)
+    return next((p for p in everyone if p), None)
+
+
+def choose_resume_tag(ckpt_dir: str | Path, rank: int, world: int) -> str | None:
+    """The newest tag every rank can load (call on every rank, after the process group is up).
+
+    Rank 0 says why it passed over any newer tag, moves those aside, and points `latest` at
+    the chosen one."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = tags_in(ckpt_dir)
+    if not tags:
+        return None
+    latest_file = ckpt_dir / LATEST
+    try:
+        named = latest_file.read_text().strip() if latest_file.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    chosen, passed_over = None, []
+    for tag in reversed(tags):
+        problem = incomplete(ckpt_dir, tag, named_by_latest=tag == named) or first_unreadable(ckpt_dir, tag, rank, world)
+        if problem is None:
+            chosen = tag
+            break
+        passed_over.append(tag)
+        if rank == 0:
+            print(f"[scaling] checkpoint {tag} cannot be resumed from: {problem}; trying the one before it", flush=True)
+    if rank == 0:
+        if named != chosen and chosen is not None and not passed_over:
+            what = (f"names {named}" if TAG.fullmatch(named) else "is unreadable") if latest_file.exists() else "is missing"
+            print(f"[scaling] {latest_file} {what}; resuming from the newest complete checkpoint, {chosen}", flush=True)
+        if passed_over:
+            set_aside(ckpt_dir, passed_over)
+        if chosen is None:
+            latest_file.unlink(missing_ok=True)
+        elif named != chosen:
+            write_atomic(latest_file, chosen)
+    if dist.is_initialized():
+        dist.barrier()
+    return chosen
+
+
+def set_aside(ckpt_dir: Path, tags: list[str]) -> Path:
+    """Move tags (and their universal copies) into set_aside-<time>/: kept for a look, never overwritten."""
+    aside = ckpt_dir / f"set_aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for tag in tags:
+        for name in (tag, tag + UNIVERSAL):
+            if (ckpt_dir / name).exists():
+                (ckpt_dir / name).rename(aside / name)
+    print(f"[scaling] moved {', '.join(tags)} to {aside}; this run continues from an earlier step and never writes over them", flush=True)
+    return aside
+
+
+def prepare_universal(ckpt_dir: str | Path, tag: str | None, world: int, rank: int) -> bool:
+    """True if checkpoint `tag` was written by another rank count and must be loaded as a
     universal checkpoint (set `checkpoint.load_universal` in the DeepSpeed config before
     `deepspeed.initialize`). Rank 0 converts it once with DeepSpeed's `ds_to_universal`."""
-    tag = latest_tag(ckpt_dir)
     if tag is None:
         return False
     wrote = ranks_that_wrote(ckpt_dir, tag)
@@ -95,17 +330,19 @@ def convert_to_universal(tag_dir: Path, out: Path) -> None:
                            f"wrote it ({ranks_that_wrote(tag_dir.parent, tag_dir.name)}). DeepSpeed said:\n{done.stderr[-2000:]}")
 
 
-def resume(engine, ckpt_dir: str | Path) -> dict | None:
-    """Load the checkpoint `latest` names into the engine; returns its client state or None."""
-    if latest_tag(ckpt_dir) is None:
+def resume(engine, ckpt_dir: str | Path, tag: str | None) -> dict | None:
+    """Load checkpoint `tag` (from `choose_resume_tag`) into the engine; returns its client state or None."""
+    if tag is None:
         return None
     # DeepSpeed's universal load gives every param group the checkpoint's first group's
     # hyperparameters (weight decay, betas, ...); the groups as built for this run are kept.
     built = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    universal = engine.load_universal_checkpoint()
+    # A universal load finds its folder through `latest_universal`; a plain one is named.
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=None if universal else tag)
     if path is None:
-        raise RuntimeError(f"checkpoint in {ckpt_dir} could not be loaded; move the directory away to start fresh")
-    if engine.load_universal_checkpoint():
+        raise RunFailed(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded; move it aside to resume from an earlier one")
+    if universal:
         for group, hyper in zip(engine.optimizer.param_groups, built):
             group.update(hyper)
     return client_state

@@ -32,7 +32,8 @@ from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
-from scaling.train.pretrain import log_step, step_seed, summed
+from scaling.train.guard import DivergenceGuard
+from scaling.train.pretrain import log_step, step_seed, stop_if_diverged, summed
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
@@ -113,14 +114,14 @@ def run_finetune(cfg: RunConfig) -> dict:
     rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
-    ds_config = ds_config_for(cfg, rank, world)
+    ds_config, resume_tag = ds_config_for(cfg, rank, world)
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)
     model = build_model(lambda: classifier_for(cfg), ds_config)
     grid = model.grid
     model.set_grad_checkpointing(m.activation_checkpointing)
-    if f.init_from and checkpoint.latest_tag(ckpt_dir) is None:
+    if f.init_from and resume_tag is None:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
         fresh = load_initial_weights(model, f.init_from, f.trust_checkpoint)
         if model.reconstruction is not None and rank == 0:
@@ -137,7 +138,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
 
     state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
-        "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)})
+        "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
         mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
@@ -150,6 +151,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     dtype = input_dtype(t.precision)
     end = min(total, start + t.max_steps_this_run) if t.max_steps_this_run else total
     stop = StopRequest(out, rank)
+    guard = DivergenceGuard(t.max_nonfinite_steps, t.precision, start)
     for step in range(start, end):
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
@@ -165,14 +167,16 @@ def run_finetune(cfg: RunConfig) -> dict:
                 video, target = mixup(video, target)  # target: (B, classes) soft
             drop_mask = drop_mask_for_rank(cfg, grid, step, micro, rank, video.shape[0], world)  # (B, N) or None
             loss, pieces = finetune_loss(engine, video.to(dtype), target, criterion, drop_mask, f.reconstruction_weight)
+            loss = guard.inject(loss, step)
             engine.backward(loss)
-            engine.step()
+            guard.optimizer_step(engine, step)
             for k, v in {"loss": loss.detach(), **pieces}.items():
                 parts[k] = parts.get(k, 0) + v.float() / t.grad_accum
         losses = torch.stack(list(parts.values()))
         dist.all_reduce(losses)
         losses = dict(zip(parts, (losses / world).tolist()))
         step_loss = losses.pop("loss")
+        finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         if f.reconstruction_weight <= 0:
             losses = {}  # loss_cls is the loss itself
         seconds = time.perf_counter() - t0
@@ -181,13 +185,14 @@ def run_finetune(cfg: RunConfig) -> dict:
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
             log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, **losses, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
+        stop_if_diverged(guard, tracker, out, rank)
         stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
-        if (step + 1) % t.save_every == 0 or step + 1 == end or stopping:
+        if ((step + 1) % t.save_every == 0 and finite) or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,
-                                                         "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints)
+                                                         "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints, step_loss)
         if stopping and step + 1 < end:
             stop.record(step + 1)
             end = step + 1

@@ -22,6 +22,7 @@ from scaling.models.pretrain import build_pretrain_model
 from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.guard import DivergenceGuard, Diverged
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest
 
@@ -72,7 +73,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
-    ds_config = ds_config_for(cfg, rank, world)
+    ds_config, resume_tag = ds_config_for(cfg, rank, world)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
@@ -82,7 +83,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
 
     state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
         "world_size": world, "micro_batch": micro_batch(cfg, world), "peak_lr": peak_lr(cfg),
-        "clips_per_step": clips_per_step(cfg)})
+        "clips_per_step": clips_per_step(cfg)}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
         print(f"[scaling] {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, {world} ranks, "
@@ -95,6 +96,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     batches, data_stats = make_batches(cfg, rank, world, start)
     dtype = input_dtype(cfg.train.precision)
     stop = StopRequest(out, rank)
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, start)
     losses = []
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -106,12 +108,13 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
             enc, dec = masks_for_rank(cfg, grid, step, micro, rank, clips_per_rank, world)  # (B, N) bool
             target = normalized_pixel_target(video, patch, tubelet)  # (B, N, 2*p*p*3) float32
             prediction = engine(video.to(dtype), enc, dec)  # (B, N_dec, 2*p*p*3)
-            loss = masked_reconstruction_loss(prediction, target, enc, dec)
+            loss = guard.inject(masked_reconstruction_loss(prediction, target, enc, dec), step)
             engine.backward(loss)  # DeepSpeed divides by grad_accum
-            engine.step()  # optimizer + scheduler only at the accumulation boundary
+            guard.optimizer_step(engine, step)  # optimizer + scheduler only at the accumulation boundary
             step_loss += loss.detach().float() / cfg.train.grad_accum
         dist.all_reduce(step_loss)
         step_loss = step_loss.item() / world
+        finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         losses.append(step_loss)
         seconds = time.perf_counter() - t0
         logging = (step + 1) % cfg.train.log_every == 0
@@ -119,16 +122,17 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
         counters = summed(data_stats()) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": step_loss, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
             log_step(tracker, out, step + 1, cfg.train.steps, metrics)
+        stop_if_diverged(guard, tracker, out, rank)
         stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == end or stopping:
+        if ((step + 1) % cfg.train.save_every == 0 and finite) or step + 1 == end or stopping:
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
                                                          "epoch": epoch_of(cfg, step + 1),
                                                          "micro_batches_consumed": (step + 1) * cfg.train.grad_accum,
-                                                         "seed": cfg.train.seed}, cfg.train.keep_checkpoints)
+                                                         "seed": cfg.train.seed}, cfg.train.keep_checkpoints, step_loss)
         if stopping and step + 1 < end:
             stop.record(step + 1)
             break
@@ -136,6 +140,19 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
         tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
     dist.barrier()
     return losses
+
+
+def stop_if_diverged(guard: DivergenceGuard, tracker, out: Path, rank: int) -> None:
+    """End a diverged run, marked FAILED (MLflow, <output_dir>/FAILED), before it saves again."""
+    try:
+        guard.raise_if_diverged()
+    except Diverged as e:
+        if rank == 0:
+            print(f"[scaling] error: {e}", flush=True)
+            checkpoint.record_failure(out, str(e))
+            tracker.close("FAILED")
+        dist.barrier()  # no rank ends before rank 0 has recorded it (the launcher stops the rest when one ends)
+        raise
 
 
 def log_step(tracker, out: Path, step: int, total: int, metrics: dict) -> None:

@@ -22,22 +22,27 @@ def init_ranks() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def ds_config_for(cfg: RunConfig, rank: int, world: int) -> dict:
-    """The DeepSpeed config of this run; it loads a universal checkpoint when the latest
-    checkpoint was written by another number of ranks (a job requeued onto other nodes)."""
+def ds_config_for(cfg: RunConfig, rank: int, world: int) -> tuple[dict, str | None]:
+    """The DeepSpeed config of this run and the checkpoint tag it resumes from (None: a fresh
+    start). It loads a universal checkpoint when that tag was written by another number of
+    ranks (a job requeued onto other nodes)."""
+    out = Path(cfg.train.output_dir)
+    if rank == 0:
+        (out / checkpoint.FAILED_FILE).unlink(missing_ok=True)  # the error of an earlier run of this folder
     ds_config = build_ds_config(cfg, world)
-    if checkpoint.prepare_universal(Path(cfg.train.output_dir) / "checkpoints", world, rank):
+    tag = checkpoint.choose_resume_tag(out / "checkpoints", rank, world)
+    if checkpoint.prepare_universal(out / "checkpoints", tag, world, rank):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return ds_config
+    return ds_config, tag
 
 
-def resume_and_track(engine, scheduler, cfg: RunConfig, rank: int, ds_config: dict, params: dict):
-    """Load the latest checkpoint (if any) and open the MLflow run (the same one on resume).
+def resume_and_track(engine, scheduler, cfg: RunConfig, rank: int, ds_config: dict, params: dict, tag: str | None):
+    """Load checkpoint `tag` (if any) and open the MLflow run (the same one on resume).
 
     Rank 0 saves the resolved config and DeepSpeed JSON beside the checkpoints and logs them.
     Returns (client state of the checkpoint or {}, tracker)."""
     out = Path(cfg.train.output_dir)
-    state = checkpoint.resume(engine, out / "checkpoints") or {}
+    state = checkpoint.resume(engine, out / "checkpoints", tag) or {}
     if state.get("step"):
         resync_lr(scheduler)  # the run may have been resumed with a longer schedule
     t = cfg.tracking

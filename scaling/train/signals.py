@@ -3,14 +3,17 @@
 Slurm warns a job before it preempts it or its time runs out (`#SBATCH --signal=B:USR1@<s>`).
 That signal reaches the batch shell, not reliably every rank under srun + torchrun, so the
 batch script answers it by writing `<output_dir>/STOP`. A rank also stops on SIGUSR1 sent to it
-directly, and on `SCALING_STOP_AT` (unix seconds, set by the launcher from the job's end time
+directly, on SIGINT/SIGTERM (Ctrl-C, `kill`; a second one stops at once without saving), and
+on `SCALING_STOP_AT` (unix seconds, set by the launcher from the job's end time
 minus a margin): the wall-time guard.
 
 ZeRO-3 saving is collective, so no rank can save alone: after every step the ranks all-reduce
 (MAX) whether any of them wants to stop, and all save that same step. Rank 0 then writes
 `<output_dir>/STOPPED` (reason and step) so that whoever started the run (the batch script,
 `scaling pipeline`) knows it did not finish and requeues / re-runs it; the next start removes
-both files and resumes from the saved step.
+both files and resumes from the saved step. `scaling` itself, when it launches the ranks,
+removes them before the launch instead (CLEARED_ENV), so that a Ctrl-C during start-up, which
+it answers by writing STOP, is not lost.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import torch.distributed as dist
 
 STOP_FILE, STOPPED_FILE = "STOP", "STOPPED"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: `scaling pretrain/finetune/pipeline` stopped early; run it again to resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, nothing saved (the shell's code for SIGINT)
+CLEARED_ENV = "SCALING_STOP_FILES_CLEARED"  # set by the launching `scaling` process
 
 
 class StopRequest:
@@ -37,8 +42,9 @@ class StopRequest:
         self.stopped_at: int | None = None  # the step a run stopped early at
         stop_at = os.environ.get("SCALING_STOP_AT", "")
         self.deadline = float(stop_at) if stop_at else None
-        signal.signal(signal.SIGUSR1, self._on_signal)
-        if rank == 0:  # requests of an earlier job were answered by the checkpoint we resume from
+        for sig in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        if rank == 0 and not os.environ.get(CLEARED_ENV):  # an earlier job's requests were answered by its checkpoint
             for name in (STOP_FILE, STOPPED_FILE):
                 (self.out / name).unlink(missing_ok=True)
         if dist.is_initialized():
@@ -46,6 +52,10 @@ class StopRequest:
 
     def _on_signal(self, signum, frame) -> None:
         self.reason = self.reason or signal.Signals(signum).name
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            # The next one ends the process as if there were no handler: stop without saving.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def local_reason(self) -> str:
         if self.reason:
