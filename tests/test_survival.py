@@ -342,7 +342,10 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
     changed = subprocess.run([*cmd, "mask.decoder=none", "optim.base_lr=0.01"], env=env_for(tmp_path), cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2
-    assert "mask.decoder 'running_cell' -> 'none'" in changed.stderr and "optim.base_lr 0.05 -> 0.01" in changed.stderr
+    from scaling.config import load_config
+
+    base_lr = load_config(SMOKE).optim.base_lr  # the value the run started with
+    assert "mask.decoder 'running_cell' -> 'none'" in changed.stderr and f"optim.base_lr {base_lr} -> 0.01" in changed.stderr
     assert "--fresh" in changed.stderr and "--allow-changed" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
 
