@@ -7,6 +7,8 @@ is launched.
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import dataclasses
 import json
 import os
@@ -27,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLINGS = ("stride", "segments")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-fixable config problem; the message is one sentence naming the key and the fix."""
 
 

@@ -20,6 +20,8 @@ the submit command's overrides applied, so editing the YAML while they wait chan
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import json
 import os
 import shutil
@@ -47,8 +49,12 @@ class JobShape:
     sbatch: list = field(default_factory=list)
 
 
-class SlurmMissing(RuntimeError):
+class SlurmMissing(UserError, RuntimeError):
     """No Slurm client on this machine."""
+
+
+class SbatchRefused(UserError, RuntimeError):
+    """sbatch refused a job (bad partition, account, limits): its own words."""
 
 
 def job_shapes(pipe: Pipeline) -> dict[str, JobShape]:
@@ -134,7 +140,7 @@ def submit_pipeline(path: str, overrides: list[str] = (), extra_sbatch: list[str
                               timeout=120)
         if done.returncode != 0:
             record_jobs(pipe, lineage, submitted)
-            raise RuntimeError(f"sbatch refused stage '{stage.name}': {done.stderr.strip()}"
+            raise SbatchRefused(f"sbatch refused stage '{stage.name}': {done.stderr.strip()}"
                                + (f"; the jobs submitted before it ({after}) stay queued" if after else ""))
         after = done.stdout.strip().split(";")[0]
         submitted.append({"stage": stage.name, "job_id": after})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import scaling.data.kinetics as K
-from scaling.cli_labels import add_labels_parser, cmd_labels_k710
+from scaling.cli import main
+from scaling.cli.data import add_labels_parser, cmd_labels_k710
 
 SHIPPED = Path(K.__file__).parent / "kinetics_labels"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kinetics"
@@ -205,9 +206,10 @@ def test_cli_writes_all_outputs(tmp_path, annotations, capsys):
 
 def test_cli_missing_file_is_one_sentence_naming_the_flag(tmp_path, annotations, capsys):
     missing = tmp_path / "nope.csv"
-    args = argparse.Namespace(out=str(tmp_path / "out"), k400_train=str(annotations["k400_train"]),
-                              k600_val=str(missing))
-    assert cmd_labels_k710(args) == 2
+    # user errors become one sentence and exit 2 in one place: scaling.cli.main
+    argv = ["labels", "k710", "--out", str(tmp_path / "out"), "--k400-train", str(annotations["k400_train"]),
+            "--k600-val", str(missing)]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "--k600-val" in err and str(missing) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # checked before anything is written

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from scaling.cli_shard import add_shard_parser
+from scaling.cli.data import add_shard_parser
 from scaling.data.shards import Item, plan_shards, target_size, write_shards
 
 SHORT, MAX_S = 64, 3.0  # options of the main run: short side 64 px, at most 3 s

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
 
@@ -19,11 +19,7 @@ def cmd_memory_compare(args) -> int:
         repeats=args.repeats, warmup=args.warmup, time_checkpointing=args.time_checkpointing,
         time_max_params=args.time_max_params * 1e6, seed=args.seed,
     )
-    try:
-        result = run_compare(spec, device=args.device)
-    except ValueError as e:  # a bad size, ratio or shape: one sentence, no traceback
-        print(f"scaling memory compare: error: {e}", file=sys.stderr)
-        return 2
+    result = run_compare(spec, device=args.device)  # CompareError: one sentence, exit 2
     print(table(result))
     stem = Path(args.out_dir) / f"memory_compare_{args.model}{'_finetune' if args.finetune else ''}"
     files = [write_json(result, stem.with_suffix(".json")), chart(result, stem.with_suffix(".png"))]
@@ -79,11 +75,53 @@ def add_compare_parser(sub) -> None:
     s.set_defaults(func=cmd_memory_compare)
 
 
+def cmd_memory_plan(args) -> int:
+    from scaling.memory.plan import PlanSpec, plan, table
+
+    spec = PlanSpec(
+        model=args.model, masking=args.masking, checkpointing=not args.no_checkpointing, precision=args.precision,
+        zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
+        gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb, frames=args.frames,
+        input_size=args.input_size, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
+        reserve_gb=args.reserve_gb, device=args.device, ds_config=args.ds_config, micro_batch=args.micro_batch,
+    )
+    result = plan(spec)  # PlanError: one sentence, exit 2
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    s = sub.add_parser(
+        "plan", help="will a size fit: model states per GPU (vs DeepSpeed's estimator), activations, largest micro-batch",
+        description="Per-GPU memory of ZeRO pre-training: model states with DeepSpeed's estimator assumptions (and its "
+        "own number beside), what that estimate leaves out, activation bytes per clip counted on the real model, and "
+        "the largest micro-batch (clips per GPU) that fits, for dual and encoder-only masking with and without "
+        "activation checkpointing.")
+    s.add_argument("--model", default="vit_g", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
+    s.add_argument("--masking", default="dual", help="dual (VideoMAE V2) or encoder_only (VideoMAE); marks a row")
+    s.add_argument("--no-checkpointing", action="store_true", help="mark the row without activation checkpointing")
+    s.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32")
+    s.add_argument("--zero-stage", type=int, default=3, help="1, 2 or 3")
+    s.add_argument("--offload-optimizer", default="none", help="none, cpu or nvme (nvme: stage 3)")
+    s.add_argument("--offload-params", default="none", help="none, cpu or nvme (stage 3, with optimizer offload)")
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--input-size", type=int, default=224)
+    s.add_argument("--encoder-ratio", type=float, default=0.9)
+    s.add_argument("--decoder-ratio", type=float, default=0.5)
+    s.add_argument("--reserve-gb", type=float, default=2.0, help="per-GPU slack for the CUDA context and allocator (a guess)")
+    s.add_argument("--device", default="gpu", help="gpu, or cpu: plan for CPU ranks like this box's (attention in fp32, RAM)")
+    s.add_argument("--ds-config", default="ds_configs/zero3_bf16.json", help="DeepSpeed JSON whose bucket and reuse settings apply")
+    s.add_argument("--micro-batch", type=int, default=0, help="also show the peak at this many clips per GPU")
+    s.add_argument("--json", action="store_true", help="print the whole plan as JSON instead of the table")
+    s.set_defaults(func=cmd_memory_plan)
+
+
 def add_memory_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("memory", help="compute and memory accounting: what dual masking saves")
     sub = p.add_subparsers(dest="memory_command", required=True)
     add_compare_parser(sub)
-    from scaling.memory.plan import add_plan_parser
-
     add_plan_parser(sub)
     return p

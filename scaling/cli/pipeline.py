@@ -23,13 +23,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from scaling.pipeline_slurm import SlurmMissing, submit_pipeline
+    from scaling.pipeline_slurm import submit_pipeline
 
-    try:
-        plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
-    except (SlurmMissing, RuntimeError) as e:  # no Slurm here, or sbatch refused a job
-        print(f"scaling pipeline submit: error: {e}", file=sys.stderr)
-        return 2
+    # no Slurm here (SlurmMissing), or sbatch refused a job (SbatchRefused): one sentence, exit 2
+    plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
     for step in plan:
         if "finished" in step:
             print(f"[pipeline] {step['stage']}: finished earlier, not submitted (weights {step['finished']})")

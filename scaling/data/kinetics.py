@@ -17,6 +17,8 @@ The shipped files are generated from the class lists by `write_label_files`; to 
 
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import csv
 import json
 import shutil
@@ -34,6 +36,10 @@ PRIORITY = (700, 600, 400)
 SOURCE_FILES = tuple(f"classes_k{n}.txt" for n in DATASETS) + ("renamed_classes.json",)
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 OUT_COLUMNS = ("youtube_id", "time_start", "time_end", "label", "label_index", "source")
+class AnnotationError(UserError, ValueError):
+    """An annotation file without the needed columns, or none given."""
+
+
 MAX_LISTED_CONFLICTS = 1000  # the count is always exact; the listing only serves audits
 
 
@@ -165,7 +171,7 @@ def _read_rows(path: Path, flag: str):
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
-            raise ValueError(
+            raise AnnotationError(
                 f"{flag} {path}: missing column(s) {', '.join(missing)}; "
                 "expected a header like label,youtube_id,time_start,time_end,split"
             )
@@ -235,7 +241,7 @@ def merge_annotations(out_dir, *, k400_train=None, k400_val=None, k600_train=Non
                  k600_val=k600_val, k700_train=k700_train, k700_val=k700_val)
     given = {k: Path(v) for k, v in given.items() if v is not None}
     if not given:
-        raise ValueError("no annotation file given: pass at least one of --k400-train ... --k700-val")
+        raise AnnotationError("no annotation file given: pass at least one of --k400-train ... --k700-val")
     for key, path in given.items():  # all up front, so nothing is half-written
         if not path.is_file():
             raise FileNotFoundError(f"--{key.replace('_', '-')}: annotation file not found: {path}")

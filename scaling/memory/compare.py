@@ -14,6 +14,8 @@ the fine-tune variants); nothing here re-implements them.
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import gc
 import os
 from dataclasses import asdict, dataclass
@@ -88,31 +90,44 @@ def describe(variant: str, spec: CompareSpec) -> str:
             f"encoder (patch embedding still runs on all), {head} head, cross-entropy{rec}")
 
 
+class CompareError(UserError, ValueError):
+    """A bad size, ratio or shape for `scaling memory compare`: one sentence naming the fix."""
+
+
 def validate(spec: CompareSpec) -> None:
-    """Raise ValueError with one sentence naming the bad setting and the fix."""
+    """Raise CompareError with one sentence naming the bad setting and the fix."""
+    try:
+        _check(spec)
+    except CompareError:
+        raise
+    except ValueError as e:  # get_size, running_cell_maps: already one sentence
+        raise CompareError(str(e)) from None
+
+
+def _check(spec: CompareSpec) -> None:
     size = get_size(spec.model)
     grid = num_tokens(size, spec.frames, spec.input_size)
     if spec.batch < 1:
-        raise ValueError(f"--batch {spec.batch} must be at least 1")
+        raise CompareError(f"--batch {spec.batch} must be at least 1")
     if spec.encoder_mask not in ENCODER_MASKS:
-        raise ValueError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(ENCODER_MASKS)}")
+        raise CompareError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(ENCODER_MASKS)}")
     hidden = int(spec.encoder_ratio * grid[1] * grid[2])  # per slot for tube; a lower bound for random
     if not 0 < spec.encoder_ratio < 1 or hidden == 0 or hidden == grid[1] * grid[2]:
-        raise ValueError(f"--encoder-ratio {spec.encoder_ratio} must hide some but not all tokens; use a value in (0, 1) such as 0.9")
+        raise CompareError(f"--encoder-ratio {spec.encoder_ratio} must hide some but not all tokens; use a value in (0, 1) such as 0.9")
     if not 0 < spec.decoder_ratio < 1:
-        raise ValueError(f"--decoder-ratio {spec.decoder_ratio} must be in (0, 1); the running cell takes 0.25, 0.5 or 0.75")
+        raise CompareError(f"--decoder-ratio {spec.decoder_ratio} must be in (0, 1); the running cell takes 0.25, 0.5 or 0.75")
     running_cell_maps(grid, spec.decoder_ratio)  # raises for odd grids and ratios with no cell pattern
     if spec.finetune:
         bad = [h for h in spec.finetune_heads if h not in HEADS]
         if bad or not spec.finetune_heads:
-            raise ValueError(f"--finetune-heads {','.join(spec.finetune_heads)}: choose from {', '.join(HEADS)}")
+            raise CompareError(f"--finetune-heads {','.join(spec.finetune_heads)}: choose from {', '.join(HEADS)}")
         if not 0 < spec.finetune_ratio < 1:
-            raise ValueError(f"--finetune-ratio {spec.finetune_ratio} must be in (0, 1); MAR drops 0.5")
+            raise CompareError(f"--finetune-ratio {spec.finetune_ratio} must be in (0, 1); MAR drops 0.5")
         running_cell_maps(grid, spec.finetune_ratio)
         if spec.finetune_reconstruction < 0:
-            raise ValueError(f"--finetune-reconstruction {spec.finetune_reconstruction} must be at least 0")
+            raise CompareError(f"--finetune-reconstruction {spec.finetune_reconstruction} must be at least 0")
     if spec.repeats < 1 or spec.warmup < 0:
-        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+        raise CompareError("--repeats must be at least 1 and --warmup at least 0")
 
 
 def make_step(variant: str, spec: CompareSpec, device: str | torch.device):

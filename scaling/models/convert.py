@@ -34,6 +34,8 @@ DeepSpeed-free); shape checks already read `ds_shape`.
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import argparse
 import pickle
 import re
@@ -61,14 +63,14 @@ DECODER_RENAMES = {"encoder.norm.": "norm.", "encoder_to_decoder.": "encoder_to_
 LISTED = 10  # keys named per kind in a mismatch message
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
 # ---------------------------------------------------------------- files and key clean-up
 
 
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(UserError, ValueError):
     """A checkpoint holds Python objects that unpickling would run; refused unless trusted."""
 
 

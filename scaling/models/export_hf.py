@@ -23,6 +23,8 @@ This module knows nothing of DeepSpeed or MLflow (DESIGN rule 1).
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import json
 from pathlib import Path
 
@@ -41,7 +43,7 @@ BLOCK_MODULES = {
 }
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError, ValueError):
     """A model that the asked format cannot represent; the message says why and what to do."""
 
 
