@@ -110,8 +110,10 @@ def finetune_main(args, peak_cuda, peak_rss) -> dict:
         "load_avg_before_after": [load_before, list(os.getloadavg())],
         "tokens": {"all": n_tokens, "kept_running_cell": n_tokens - int(n_tokens * args.finetune_ratio)},
         "flops": "forward only, FlopCounterMode (2 x MACs), for the whole batch, in fp32",
-        "step": "forward + backward of cross-entropy" + (f" + {args.reconstruction} x reconstruction (masked variants)" if args.reconstruction else ""),
-        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda" else "peak RSS above the step's start",
+        "step": "forward + backward of cross-entropy"
+        + (f" + {args.reconstruction} x reconstruction (masked variants)" if args.reconstruction else ""),
+        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda"
+        else "peak RSS above the step's start",
         "wall_s": time.perf_counter() - t_start,
         "results": res,
         "masked_over_unmasked": ratios,

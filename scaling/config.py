@@ -7,8 +7,6 @@ is launched.
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import dataclasses
 import json
 import os
@@ -21,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from scaling.data.sources import Source, as_sources, expand_shards
+from scaling.errors import UserError
 from scaling.masking import DECODER_MASKS, ENCODER_MASKS, FINETUNE_MASKS
 from scaling.models.classify import HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
@@ -225,7 +224,7 @@ def _merged(base: dict, top: dict) -> dict:
     return out
 
 
-def build_run_config(data: dict) -> "RunConfig":
+def build_run_config(data: dict) -> RunConfig:
     """A typed RunConfig from nested dicts, with the stage's defaults under them."""
     return _build(RunConfig, with_stage_defaults(data))
 
@@ -351,7 +350,8 @@ def validate_finetune(cfg: RunConfig, world_size: int, check_files: bool = True)
     if f.num_classes < 2:
         raise ConfigError(f"finetune.num_classes must be at least 2, got {f.num_classes}")
     if check_files and f.init_from not in ("", "previous") and not Path(f.init_from).is_file():
-        raise ConfigError(f"finetune.init_from '{f.init_from}' is not a file; give an exported .pt/.pth checkpoint, 'previous' in a pipeline, or ''")
+        raise ConfigError(f"finetune.init_from '{f.init_from}' is not a file; give an exported .pt/.pth checkpoint, "
+                          "'previous' in a pipeline, or ''")
     if not 0 < f.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
     validate_mar(cfg)
@@ -401,7 +401,8 @@ def data_sources(cfg: RunConfig) -> list[Source]:
     if d.sources and d.shards:
         raise ConfigError("set either data.shards or data.sources, not both")
     if not d.sources and not d.shards:
-        raise ConfigError("data.shards is empty; set it to your shard pattern, e.g. data.shards='data/synth/synth-{000000..000003}.tar' (make some with `scaling synth`)")
+        raise ConfigError("data.shards is empty; set it to your shard pattern, e.g. "
+                          "data.shards='data/synth/synth-{000000..000003}.tar' (make some with `scaling synth`)")
     try:
         return as_sources(sources=d.sources) if d.sources else as_sources(d.shards, stride=d.stride)
     except (ValueError, TypeError) as e:
@@ -433,7 +434,8 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
     if not 0.0 < k.encoder_ratio < 1.0:
         raise ConfigError(f"mask.encoder_ratio must be between 0 and 1 (exclusive), got {k.encoder_ratio}")
     if k.decoder == "running_cell" and (grid[1] % 2 or grid[2] % 2):
-        raise ConfigError(f"mask.decoder=running_cell needs an even number of patches per side, but input_size {m.input_size} gives {grid[1]}; pick another model.input_size")
+        raise ConfigError(f"mask.decoder=running_cell needs an even number of patches per side, but input_size "
+                          f"{m.input_size} gives {grid[1]}; pick another model.input_size")
     if k.decoder == "running_cell" and k.decoder_ratio not in (0.25, 0.5, 0.75):
         raise ConfigError(f"mask.decoder_ratio {k.decoder_ratio} cannot be honoured exactly: a running cell of 4 "
                           "tokens drops 1, 2 or 3 of them; use 0.25, 0.5 or 0.75")

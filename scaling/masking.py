@@ -48,7 +48,8 @@ def running_cell_maps(grid: tuple[int, int, int], ratio: float = 0.5) -> torch.T
     """
     t, h, w = grid
     if h % 2 or w % 2:
-        raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}; pick an input size giving an even number of patches per side")
+        raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}; "
+                         "pick an input size giving an even number of patches per side")
     dropped = int(4 * ratio)
     if not 0 < dropped < 4:
         raise ValueError(f"running-cell ratio {ratio} leaves no cell pattern; use 0.25, 0.5 or 0.75")

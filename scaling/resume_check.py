@@ -6,7 +6,7 @@ optimizer, schedule, ...), the run stops before any rank starts, naming the keys
 moves the old folder aside to `<dir>.replaced-<time>` and starts afresh, `--allow-changed`
 resumes anyway (the old config is kept as `config.before-<time>.yaml`). Keys that only say how
 long, how often, where or on how many ranks (MAY_CHANGE) change freely. Pipelines do this per
-stage themselves (scaling/pipeline.py), so their stage runs do not come through here.
+stage themselves (scaling/pipeline/), so their stage runs do not come through here.
 """
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def pretrain_model(seed=0):
     torch.manual_seed(seed)
     model = build_pretrain_model("debug", FRAMES, SIZE)
     with torch.no_grad():  # non-trivial norms and biases, so a wrongly mapped key shows
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()

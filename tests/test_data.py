@@ -34,7 +34,7 @@ def take(loader, n):
 def test_synth_shards_decode(shards):
     assert len(shards) == 3
     samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
-    assert [s["__key__"] for s in samples] == ["%08d" % i for i in range(12)]
+    assert [s["__key__"] for s in samples] == [f"{i:08d}" for i in range(12)]
     for s in samples[:4]:
         meta = json.loads(s["json"])
         assert meta["source"] == "synth" and 0 <= meta["label"] < 4
@@ -159,7 +159,7 @@ def test_shards_without_any_video_fail_clearly(tmp_path, monkeypatch):
     path = str(tmp_path / "junk-000000.tar")
     with wds.TarWriter(path) as sink:
         for k in range(3):
-            sink.write({"__key__": "%08d" % k, "mp4": b"junk" * 100})
+            sink.write({"__key__": f"{k:08d}", "mp4": b"junk" * 100})
     loader = build_pretrain_loader([path], videos_per_batch=2, **SMALL)
     with pytest.raises(RuntimeError, match="could not be decoded"):
         take(loader, 1)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_distributed import env_for, metrics  # the 2-rank helpers of the pre-training tests
 
 SCALING = [sys.executable, "-m", "scaling.cli"]

@@ -173,7 +173,7 @@ def test_reconstruction_branch_is_the_pretraining_decoder_on_the_dropped_tokens(
     torch.manual_seed(0)
     pre = build_pretrain_model("debug", FRAMES, SIZE).eval()
     with torch.no_grad():  # non-trivial norms, so a wrongly mapped norm shows
-        for n, p in pre.named_parameters():
+        for _n, p in pre.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model = classifier(head="bridging", reconstruction=True, seed=1).eval()

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scaling.memory.compare import CompareSpec, count_variant
-from scaling.models.vit import get_size
 from scaling.memory.counting import SavedTensors, count_flops, meta_counting, saved_tensor_bytes, step_flops
+from scaling.models.vit import get_size
 
 B, IN, HID, OUT = 4, 8, 16, 3
 F32 = 4  # bytes

@@ -123,7 +123,7 @@ def test_recipes_parse_into_typed_stage_configs(recipe):
     """The cluster recipes cannot run here (no Kinetics), but every key and type is checked."""
     import yaml
 
-    from scaling.config import _build, RunConfig
+    from scaling.config import RunConfig, _build
     from scaling.pipeline import merge
 
     raw = yaml.safe_load((REPO / "pipelines" / f"{recipe}.yaml").read_text())

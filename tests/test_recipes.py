@@ -19,9 +19,8 @@ import yaml
 
 from scaling.cli import main
 from scaling.config import ConfigError, load_config, save_config, validate
-from scaling.pipeline_show import show_pipeline
-from scaling.train.schedule import lr_of_step, run_steps
-from scaling.train.schedule import warmup_cosine
+from scaling.pipeline.show import show_pipeline
+from scaling.train.schedule import lr_of_step, run_steps, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 HYBRID = 1_350_000  # clips in the unlabeled hybrid: an epoch of pre-training is HYBRID // videos steps
@@ -185,6 +184,6 @@ def test_pipeline_show_counts_the_shards_when_they_exist(tmp_path):
 def test_pipeline_show_refuses_a_bad_stage_in_one_sentence(capsys):
     code = main(["pipeline", "show", "pipelines/vitg_k400.yaml", "stages.pretrain.mask.decoder_ratio=0.4"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("scaling pipeline: error: stage 'pretrain': mask.decoder_ratio 0.4")
+    assert code == 2 and err.startswith("scaling pipeline show: error: stage 'pretrain': mask.decoder_ratio 0.4")
     with pytest.raises(ConfigError, match="unknown"):
         show_pipeline("pipelines/vitg_k400.yaml", ["stages.finetune.data.sampling=tsn"])

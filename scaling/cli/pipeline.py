@@ -23,7 +23,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from scaling.pipeline_slurm import submit_pipeline
+    from scaling.pipeline.slurm import submit_pipeline
 
     # no Slurm here (SlurmMissing), or sbatch refused a job (SbatchRefused): one sentence, exit 2
     plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
@@ -41,7 +41,7 @@ def cmd_submit(args) -> int:
 
 def cmd_prepare(args) -> int:
     """For slurm/launch.sh: prints 'run <stage dir>' or 'done <stage dir>'."""
-    from scaling.pipeline_slurm import prepare_for_job
+    from scaling.pipeline.slurm import prepare_for_job
 
     state, folder = prepare_for_job(args.pipeline, args.stage, args.overrides)
     print(state, folder)
@@ -49,7 +49,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_complete(args) -> int:
-    from scaling.pipeline_slurm import complete_for_job
+    from scaling.pipeline.slurm import complete_for_job
 
     info = complete_for_job(args.pipeline, args.stage, args.exit_code, args.overrides)
     if info:
@@ -58,7 +58,7 @@ def cmd_complete(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from scaling.pipeline_show import cmd_show as show
+    from scaling.pipeline.show import cmd_show as show
 
     return show(args)
 
@@ -80,7 +80,7 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="one Slurm job per unfinished stage, chained with --dependency=afterok",
                        description="Job shapes come from the pipeline's 'slurm:' section (override with e.g. "
-                                   "slurm.nodes=2 slurm.gpus_per_node=8); see scaling/pipeline_slurm.py.")
+                                   "slurm.nodes=2 slurm.gpus_per_node=8); see scaling/pipeline/slurm.py.")
     common(s)
     s.add_argument("--sbatch", action="append", default=[], metavar="ARG",
                    help="extra sbatch argument for every job, e.g. --sbatch=--account=vid (repeatable)")

@@ -14,8 +14,6 @@ the fine-tune variants); nothing here re-implements them.
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import gc
 import os
 from dataclasses import asdict, dataclass
@@ -23,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import ENCODER_MASKS, finetune_drop_mask, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, count_flops, cuda_peak_bytes, meta_counting, step_flops, time_step
@@ -234,7 +233,7 @@ def count_variant(variant: str, spec: CompareSpec, device: str = "meta") -> dict
         model.set_grad_checkpointing(checkpointing)
         saved = SavedTensors(exclude=[*model.parameters(), *model.buffers()])
 
-        def forward_saving() -> torch.Tensor:
+        def forward_saving(saved=saved, forward=forward) -> torch.Tensor:
             with saved:  # only the forward: what backward will need
                 return forward()
 
@@ -266,7 +265,7 @@ def time_variant(variant: str, spec: CompareSpec, device: torch.device, checkpoi
     timing = time_step(step, repeats=spec.repeats, warmup=spec.warmup)
     model.zero_grad(set_to_none=True)
     peak = cuda_peak_bytes(step)
-    del model, forward
+    model = forward = None  # free this variant's weights before the next one
     gc.collect()
     return {"median_s": timing["median_s"], "times_s": timing["times_s"], "peak_cuda_bytes": peak}
 

@@ -21,15 +21,14 @@ bench/plan_validate.py compares the prediction with the peak RSS of real 2-rank 
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
+from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
@@ -123,7 +122,7 @@ def zero_settings(ds_config: str) -> dict:
 
 # ---------------------------------------------------------------- parameters and model states
 
-@lru_cache(maxsize=None)
+@cache
 def param_counts(model: str, frames: int = 16, input_size: int = 224) -> dict:
     """Total parameters and the largest layer (most parameters held directly by one module),
     as DeepSpeed's `model_to_params` counts them; built on meta, so free for any size."""
@@ -206,7 +205,8 @@ def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
         out.append({"name": name, "bytes": int(nbytes), "where": where, "why": why})
 
     if stage == 1:
-        add(f"unpartitioned {spec.precision} gradients", b["grad"] * total - (0 if spec.offload_optimizer != "none" else b["grad"] * total // G),
+        add(f"unpartitioned {spec.precision} gradients",
+            b["grad"] * total - (0 if spec.offload_optimizer != "none" else b["grad"] * total // G),
             "gpu", "ZeRO-1 keeps every gradient until the reduce; DeepSpeed's one ZeRO-1/2 estimate partitions them")
     if stage == 3:
         if spec.offload_optimizer == "none":
@@ -296,7 +296,7 @@ def _block_saved_bytes(width: int, heads: int, mlp_ratio: float, tokens: int, pr
     return saved.bytes
 
 
-@lru_cache(maxsize=None)
+@cache
 def activation_profile(model: str | ViTSize, masking: str, precision: str, device: str = "gpu", frames: int = 16,
                        input_size: int = 224, encoder_ratio: float = 0.9, decoder_ratio: float = 0.5) -> dict:
     """Activation bytes per clip of one set-up, with and without activation checkpointing.

@@ -34,8 +34,6 @@ DeepSpeed-free); shape checks already read `ds_shape`.
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import argparse
 import pickle
 import re
@@ -48,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaling.data.kinetics import NUM_K710, head_710_to
+from scaling.errors import UserError
 from scaling.models.vit import ViTSize, num_tokens, sincos_position_table
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "backbone.")  # torch.compile, DDP/DeepSpeed, mmaction

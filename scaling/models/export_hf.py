@@ -23,13 +23,12 @@ This module knows nothing of DeepSpeed or MLflow (DESIGN rule 1).
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import json
 from pathlib import Path
 
 import torch
 
+from scaling.errors import UserError
 from scaling.models.vit import ViTSize, get_size
 
 # Our block-relative module names -> transformers' under `encoder.layer.<i>.` (each with

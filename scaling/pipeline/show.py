@@ -14,8 +14,8 @@ import json
 from scaling.config import ConfigError, RunConfig, data_sources, validate
 from scaling.data.sources import expand_shards
 from scaling.models.vit import get_size
-from scaling.pipeline import Pipeline, Stage, load_pipeline
-from scaling.pipeline_slurm import job_shapes
+from scaling.pipeline.slurm import job_shapes
+from scaling.pipeline.spec import Pipeline, Stage, load_pipeline
 from scaling.train.param_groups import layer_lr_scale
 from scaling.train.schedule import (
     clips_per_step,

@@ -20,8 +20,6 @@ the submit command's overrides applied, so editing the YAML while they wait chan
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import json
 import os
 import shutil
@@ -32,7 +30,10 @@ from pathlib import Path
 import yaml
 
 from scaling.config import ConfigError
-from scaling.pipeline import Lineage, Pipeline, Stage, complete_stage, finished, load_pipeline, resolve, start_stage
+from scaling.errors import UserError
+from scaling.pipeline.lineage import Lineage
+from scaling.pipeline.spec import Pipeline, Stage, load_pipeline
+from scaling.pipeline.state import complete_stage, finished, resolve, start_stage
 from scaling.tracking import probe_store
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "slurm" / "launch.sh"

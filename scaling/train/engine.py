@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
+
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
 from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
     clips_per_step,

@@ -30,9 +30,9 @@ from scaling.models.classify import VideoClassifier, build_classifier
 from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
+from scaling.train.guard import DivergenceGuard
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
-from scaling.train.guard import DivergenceGuard
 from scaling.train.pretrain import log_step, step_seed, stop_if_diverged, summed
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.schedule import steps_per_epoch as epoch_length
@@ -125,7 +125,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
         fresh = load_initial_weights(model, f.init_from, f.trust_checkpoint)
         if model.reconstruction is not None and rank == 0:
-            source = "its init (no decoder in that checkpoint)" if any(k.startswith("reconstruction.") for k in fresh) else "that checkpoint's decoder"
+            no_decoder = any(k.startswith("reconstruction.") for k in fresh)
+            source = "its init (no decoder in that checkpoint)" if no_decoder else "that checkpoint's decoder"
             print(f"[scaling] reconstruction branch starts from {source}", flush=True)
 
     loader = train_loader_for(cfg, rank, world)
@@ -144,7 +145,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
               (f" + reconstruction x {f.reconstruction_weight:g}" if f.reconstruction_weight > 0 else "")
         print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
-              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
+              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, "
+              f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     mixup, criterion = criterion_for(cfg)
     batches = batches_from(loader, start, steps_per_epoch, t.grad_accum)
@@ -185,7 +187,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
             log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest,
+                "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
         stop_if_diverged(guard, tracker, out, rank)

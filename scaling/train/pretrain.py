@@ -22,7 +22,7 @@ from scaling.models.pretrain import build_pretrain_model
 from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
 from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
-from scaling.train.guard import DivergenceGuard, Diverged
+from scaling.train.guard import Diverged, DivergenceGuard
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest
 
@@ -122,7 +122,8 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
         counters = summed(data_stats()) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds,
+                       "clips_per_s": clips_per_step(cfg) / seconds,
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
             log_step(tracker, out, step + 1, cfg.train.steps, metrics)
