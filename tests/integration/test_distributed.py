@@ -7,25 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from helpers import SCALING, SMOKE, env_for
 
 from scaling.models.pretrain import build_pretrain_model
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
-SCALING = [sys.executable, "-m", "scaling.cli"]
-
-
-def env_for(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    return env
 
 
 def pretrain_cmd(out: Path, *overrides: str) -> list[str]:
@@ -102,9 +92,8 @@ def test_wall_time_guard_saves_and_stops_before_the_limit(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([*SCALING, "synth", "--out", str(out), "--num-videos", "24", "--per-shard", "6"], check=True, timeout=300)
+def shards(synth_shards):
+    out = synth_shards(24, 6)
     return f"{out}/synth-{{000000..000003}}.tar"
 
 

@@ -11,27 +11,24 @@ lr is checked against the reference's per-iteration schedule formula.
 """
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_distributed import env_for, metrics  # the 2-rank helpers of the pre-training tests
+from helpers import SCALING, env_for
+from helpers import SMOKE as SMOKE_PATH
+from test_distributed import metrics  # the 2-rank helpers of the pre-training tests
 
-SCALING = [sys.executable, "-m", "scaling.cli"]
-SMOKE = str(Path(__file__).resolve().parent.parent / "pipelines" / "pretrain_smoke.yaml")
 PEAK, FLOOR, START = 0.1 * 8 / 256, 0.001 * 8 / 256, 0.01 * 8 / 256  # lr args x 8 videos / 256
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft_shards")
-    subprocess.run([*SCALING, "synth", "--out", str(out), "--num-videos", "20", "--per-shard", "5"], check=True, timeout=300)
+def shards(synth_shards):
+    out = synth_shards(20, 5)
     return f"{out}/synth-{{000000..000003}}.tar"
 
 
 def finetune(out, shards, tmp, *extra):
-    cmd = [*SCALING, "finetune", "--config", SMOKE, f"train.output_dir={out}", f"data.shards={shards}",
+    cmd = [*SCALING, "finetune", "--config", str(SMOKE_PATH), f"train.output_dir={out}", f"data.shards={shards}",
            "finetune.num_classes=4", "finetune.mixup=0", "finetune.cutmix=0", "finetune.rand_aug=''", "finetune.reprob=0",
            "train.ranks=2", "train.global_batch=8", "train.grad_accum=2", "train.epochs=3", "train.save_every=100",
            "optim.warmup_steps=0", "optim.warmup_epochs=1", "optim.base_lr=0.1", "optim.min_lr=0.001",

@@ -3,25 +3,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import REPO, SCALING, env_for
 
 from scaling.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "pipelines" / "smoke.yaml"
-SCALING = [sys.executable, "-m", "scaling.cli"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline_data")
-    subprocess.run([*SCALING, "synth", "--out", str(root / "train"), "--num-videos", "16", "--per-shard", "8"], check=True)
-    subprocess.run([*SCALING, "synth", "--out", str(root / "val"), "--num-videos", "8", "--per-shard", "8", "--seed", "1"], check=True)
+def data(tmp_path_factory, synth_shards):
+    root = tmp_path_factory.mktemp("pipeline_data")  # train/ and val/ as the pipeline overrides name them
+    (root / "train").symlink_to(synth_shards(16, 8))
+    (root / "val").symlink_to(synth_shards(8, 8, seed=1))
     return root
 
 
@@ -35,12 +33,6 @@ def overrides(data: Path, out: Path) -> list[str]:
             f"stages.finetune.finetune.val_shards={data}/val/synth-000000.tar",
             "stages.finetune.model.head=bridging", "stages.finetune.mask.finetune=running_cell",
             "stages.finetune.finetune.reconstruction_weight=0.1"]
-
-
-def env_for(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    return env
 
 
 def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data, tmp_path):

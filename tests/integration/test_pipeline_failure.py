@@ -5,15 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from helpers import REPO, SCALING
 from mlflow import MlflowClient
-
-REPO = Path(__file__).resolve().parent.parent
-SCALING = [sys.executable, "-m", "scaling.cli"]
 
 
 def one_stage_pipeline(tmp: Path) -> Path:

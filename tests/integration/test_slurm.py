@@ -1,29 +1,16 @@
-"""The slurm/ templates on a real one-node Slurm started by tests/slurm/cluster.sh (as root)."""
+"""The slurm/ templates on a real one-node Slurm started by tests/integration/slurm/cluster.sh (as root)."""
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 TEMPLATES = sorted(p.name for p in (REPO / "slurm").glob("*.sh") if p.name != "launch.sh")
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SCALING_SLURM_ROOT": str(root)}
-    started = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stdout + started.stderr
-    env["SLURM_CONF"] = str(root / "slurm.conf")
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, timeout=60)
 
 
 @pytest.mark.parametrize("template", TEMPLATES)

@@ -17,18 +17,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from helpers import SCALING, SMOKE, env_for
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
-SCALING = [sys.executable, "-m", "scaling.cli"]
 NOISE = ["data.source=noise", "data.num_sample=1", "train.global_batch=4", "optim.warmup_steps=1", "train.ranks=2"]
-
-
-def env_for(tmp: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    env["PYTHONPATH"] = str(REPO)
-    return {**env, **extra}
 
 
 def pretrain(out: Path, *overrides: str, tmp: Path, env: dict | None = None, flags: tuple = ()) -> subprocess.CompletedProcess:

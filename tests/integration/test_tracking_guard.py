@@ -12,22 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, SCALING, SMOKE, env_for
 from mlflow import MlflowClient
 
 from scaling.cli import main
 from scaling.config import ConfigError
 from scaling.tracking import MLflowTracker, closes_runs_on_error, end_if_still_running, probe_store
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
-SCALING = [sys.executable, "-m", "scaling.cli"]
 NOISE = ["data.source=noise", "data.num_sample=1", "train.global_batch=4", "optim.warmup_steps=1"]
-
-
-def env_for(uri: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MLFLOW_TRACKING_URI"] = uri
-    return env
 
 
 def jsonl_steps(path: Path) -> list[int]:

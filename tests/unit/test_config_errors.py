@@ -2,16 +2,14 @@
 from inside a rank: YAML syntax, numbers in exponent form, counts, DeepSpeed JSON clashes,
 `init_from: previous` outside a pipeline, noise data in a fine-tune."""
 import json
-from pathlib import Path
 
 import pytest
+from helpers import REPO, SMOKE
 
 from scaling.cli import main
 from scaling.config import ConfigError, load_config, validate
 from scaling.pipeline import load_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "pipelines" / "pretrain_smoke.yaml"
 NOISE = ["data.source=noise", "tracking.enabled=false"]
 
 

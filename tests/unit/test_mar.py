@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from scaling.config import ConfigError, RunConfig, _build, load_config, validate
 from scaling.evaluate import video_probabilities
@@ -17,7 +18,6 @@ from scaling.models.vit import count_params
 from scaling.train.finetune import classifier_for, drop_mask_for_rank, finetune_loss
 from scaling.train.param_groups import layer_decay_groups
 
-REPO = Path(__file__).resolve().parent.parent
 B_GRID = (8, 14, 14)  # ViT-B, 16x224
 FRAMES, SIZE = 16, 64  # debug clips: grid (8, 4, 4), 128 tokens
 DEBUG_GRID = (8, 4, 4)

@@ -10,19 +10,18 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from scaling.cli import main
 from scaling.config import ConfigError, load_config, save_config, validate
 from scaling.pipeline.show import show_pipeline
 from scaling.train.schedule import lr_of_step, run_steps, warmup_cosine
 
-REPO = Path(__file__).resolve().parent.parent
 HYBRID = 1_350_000  # clips in the unlabeled hybrid: an epoch of pre-training is HYBRID // videos steps
 K710, SSV2 = 658_340, 168_913  # train videos
 

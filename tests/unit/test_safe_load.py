@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from scaling.cli import main
 from scaling.config import load_config, validate
 from scaling.models.convert import UntrustedCheckpointError, load_checkpoint_file
 from scaling.train.checkpoint_trust import check_checkpoint_folder
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class CreatesMarker:

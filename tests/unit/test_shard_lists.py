@@ -11,11 +11,11 @@ import decord
 import numpy as np
 import pytest
 from PIL import Image
+from test_shards import pyav_video
 
 from scaling.data.kinetics import load_k710_classes
 from scaling.data.shard_inputs import ShardInputError, list_inputs
 from scaling.data.shards import write_shards
-from tests.test_shards import pyav_video
 
 
 def samples(out):

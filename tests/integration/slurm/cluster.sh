@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real one-node Slurm on this machine, for the tests marked `slurm`:
-#   tests/slurm/cluster.sh start    # installs slurm-wlm + munge if missing (root), starts daemons
-#   tests/slurm/cluster.sh stop
+#   tests/integration/slurm/cluster.sh start    # installs slurm-wlm + munge if missing (root), starts daemons
+#   tests/integration/slurm/cluster.sh stop
 # Prints `export SLURM_CONF=...` on start. Settings that work on these machines: DESIGN.md.
 # The one real node declares 8 GPUs backed by plain files, so templates asking --gres=gpu:8
 # run on it; eight more nodes (sim[1-8], this host's address) sit in the `sizing` partition
