@@ -20,7 +20,7 @@ import yaml
 
 from scaling.data.sources import Source, as_sources, expand_shards
 from scaling.errors import UserError
-from scaling.masking import DECODER_MASKS, ENCODER_MASKS, FINETUNE_MASKS
+from scaling.masking import MASK_MODES, check_mask
 from scaling.models.classify import HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
 
@@ -377,15 +377,11 @@ def validate_mar(cfg: RunConfig) -> None:
     m, k, f = cfg.model, cfg.mask, cfg.finetune
     if m.head not in HEADS:
         raise ConfigError(f"model.head '{m.head}' is unknown; choose one of {', '.join(HEADS)}")
-    if k.finetune not in FINETUNE_MASKS:
-        raise ConfigError(f"mask.finetune '{k.finetune}' is unknown; choose one of {', '.join(FINETUNE_MASKS)}")
-    if k.finetune == "running_cell":
-        grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
-        if grid[1] % 2 or grid[2] % 2:
-            raise ConfigError(f"mask.finetune=running_cell needs an even number of patches per side, but input_size "
-                              f"{m.input_size} gives {grid[1]}; pick another model.input_size")
-        if k.finetune_ratio not in (0.25, 0.5, 0.75):
-            raise ConfigError(f"mask.finetune_ratio {k.finetune_ratio} gives no running-cell pattern; use 0.25, 0.5 or 0.75")
+    mode = MASK_MODES["finetune"].get(k.finetune)  # the grid only where the mode has a check (a known model)
+    grid = num_tokens(get_size(m.name), m.num_frames, m.input_size) if mode is not None and mode.check else None
+    problem = check_mask("finetune", k.finetune, grid, k.finetune_ratio, "mask.finetune", "mask.finetune_ratio", m.input_size)
+    if problem:
+        raise ConfigError(problem)
     if not 0 <= f.head_drop < 1:
         raise ConfigError(f"finetune.head_drop must be in [0, 1), got {f.head_drop}")
     if f.reconstruction_weight < 0:
@@ -427,18 +423,16 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if k.encoder not in ENCODER_MASKS:
-        raise ConfigError(f"mask.encoder '{k.encoder}' is unknown; choose one of {', '.join(ENCODER_MASKS)}")
-    if k.decoder not in DECODER_MASKS:
-        raise ConfigError(f"mask.decoder '{k.decoder}' is unknown; choose one of {', '.join(DECODER_MASKS)}")
+    problems = [check_mask("encoder", k.encoder, grid, k.encoder_ratio, "mask.encoder", "mask.encoder_ratio", m.input_size),
+                check_mask("decoder", k.decoder, grid, k.decoder_ratio, "mask.decoder", "mask.decoder_ratio", m.input_size)]
+    if problems[0]:
+        raise ConfigError(problems[0])
+    if k.decoder not in MASK_MODES["decoder"]:
+        raise ConfigError(problems[1])
     if not 0.0 < k.encoder_ratio < 1.0:
         raise ConfigError(f"mask.encoder_ratio must be between 0 and 1 (exclusive), got {k.encoder_ratio}")
-    if k.decoder == "running_cell" and (grid[1] % 2 or grid[2] % 2):
-        raise ConfigError(f"mask.decoder=running_cell needs an even number of patches per side, but input_size "
-                          f"{m.input_size} gives {grid[1]}; pick another model.input_size")
-    if k.decoder == "running_cell" and k.decoder_ratio not in (0.25, 0.5, 0.75):
-        raise ConfigError(f"mask.decoder_ratio {k.decoder_ratio} cannot be honoured exactly: a running cell of 4 "
-                          "tokens drops 1, 2 or 3 of them; use 0.25, 0.5 or 0.75")
+    if problems[1]:
+        raise ConfigError(problems[1])
     if t.global_batch < 1 or t.grad_accum < 1 or t.steps < 1:
         raise ConfigError("train.global_batch, train.grad_accum and train.steps must all be at least 1")
     if t.global_batch % (world_size * t.grad_accum):

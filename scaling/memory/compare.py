@@ -23,7 +23,7 @@ from torch import nn
 
 from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
-from scaling.masking import ENCODER_MASKS, finetune_drop_mask, make_masks, running_cell_maps
+from scaling.masking import MASKINGS, finetune_drop_mask, make_masks, mask_names, running_cell_maps
 from scaling.memory.counting import SavedTensors, count_flops, cuda_peak_bytes, meta_counting, step_flops, time_step
 from scaling.models.classify import HEADS, VideoClassifier, build_classifier
 from scaling.models.pretrain import VideoMAEPretrain, build_pretrain_model
@@ -108,8 +108,8 @@ def _check(spec: CompareSpec) -> None:
     grid = num_tokens(size, spec.frames, spec.input_size)
     if spec.batch < 1:
         raise CompareError(f"--batch {spec.batch} must be at least 1")
-    if spec.encoder_mask not in ENCODER_MASKS:
-        raise CompareError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(ENCODER_MASKS)}")
+    if spec.encoder_mask not in mask_names("encoder"):
+        raise CompareError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(mask_names('encoder'))}")
     hidden = int(spec.encoder_ratio * grid[1] * grid[2])  # per slot for tube; a lower bound for random
     if not 0 < spec.encoder_ratio < 1 or hidden == 0 or hidden == grid[1] * grid[2]:
         raise CompareError(f"--encoder-ratio {spec.encoder_ratio} must hide some but not all tokens; use a value in (0, 1) such as 0.9")
@@ -170,7 +170,7 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
         decoded = n if weight else 0  # the reconstruction decoder runs on kept + dropped tokens
         return model, finetune_forward, {"encoder": n - dropped, "decoder": decoded, "predicted": dropped if weight else 0}
 
-    decoder = {"dual": "running_cell", "encoder_only": "none"}[variant]
+    decoder = MASKINGS[variant]
     enc, dec = make_masks(spec.batch, model.grid, spec.encoder_mask, spec.encoder_ratio, decoder, spec.decoder_ratio, g)
     visible, predicted = int((~enc[0]).sum()), int(dec[0].sum())
     if real:

@@ -30,13 +30,12 @@ import torch
 
 from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
-from scaling.masking import make_masks, running_cell_maps
+from scaling.masking import MASKINGS, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
 from scaling.models.pretrain import VideoMAEPretrain
 from scaling.models.vit import Block, ViTSize, get_size, num_tokens
 
 GiB = 2**30
-MASKINGS = {"dual": "running_cell", "encoder_only": "none"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OFFLOAD = ("none", "cpu", "nvme")
 # DeepSpeed's defaults for the ZeRO settings the extras depend on (deepspeed/runtime/zero/config.py).

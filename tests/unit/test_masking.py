@@ -118,3 +118,32 @@ def test_random_encoder_mask_runs_through_the_pretraining_model(decoder):
     pred = model(torch.randn(2, 3, 16, 64, 64), enc, dec)
     assert pred.shape == (2, 115 if decoder == "none" else 64, 2 * 16 * 16 * 3)
     assert not (enc.view(2, 8, 16) == enc.view(2, 8, 16)[:, :1]).all(), "not a tube"
+
+
+def test_a_new_mask_mode_is_one_registration():
+    """A toy encoder mode (hide the first tokens) registered in one call: config validation and
+    make_masks accept it, and it is gone again after unregistering."""
+    from scaling.config import ConfigError, load_config, validate
+    from scaling.masking import mask_names, register_mask, unregister_mask
+
+    def needs_half(grid, ratio, mode_key, ratio_key, input_size):
+        return None if ratio == 0.5 else f"{ratio_key} {ratio}: first_half hides exactly 0.5"
+
+    @register_mask("encoder", "first_half", needs_half)
+    def first_half(batch, grid, ratio, generator):
+        n = grid[0] * grid[1] * grid[2]
+        return (torch.arange(n) < int(n * ratio)).expand(batch, -1).clone()
+
+    try:
+        assert "first_half" in mask_names("encoder")
+        enc, dec = make_masks(2, (2, 4, 4), "first_half", 0.5, "none", 0.5, torch.Generator().manual_seed(0))
+        assert enc[:, :16].all() and not enc[:, 16:].any() and torch.equal(enc, dec)
+        toy = ["mask.encoder=first_half", "data.source=noise"]
+        validate(load_config("pipelines/pretrain_smoke.yaml", [*toy, "mask.encoder_ratio=0.5"]), 2)
+        with pytest.raises(ConfigError, match="first_half hides exactly 0.5"):
+            validate(load_config("pipelines/pretrain_smoke.yaml", [*toy, "mask.encoder_ratio=0.9"]), 2)
+    finally:
+        unregister_mask("encoder", "first_half")
+    assert "first_half" not in mask_names("encoder")
+    with pytest.raises(ValueError, match="unknown encoder mask"):
+        make_masks(2, (2, 4, 4), "first_half", 0.5, "none", 0.5, torch.Generator().manual_seed(0))
