@@ -158,7 +158,7 @@ class TrackingConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Supervised stages (post-pre-training on K710, task fine-tuning); REFERENCE.md defaults."""
+    """Supervised stages (post-pre-training on K710, task fine-tuning); the VideoMAE V2 recipe's defaults."""
 
     num_classes: int = 400
     init_from: str = ""  # "" (random init), "previous" (the pipeline's previous stage), or a checkpoint path

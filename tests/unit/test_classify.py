@@ -20,7 +20,7 @@ from scaling.models.vit import VIT_SIZES, count_params, sincos_position_table
 from scaling.train.engine import param_groups
 from scaling.train.param_groups import layer_decay_groups
 
-# Millions of parameters with a 710-class head (REFERENCE.md, "Model sizes").
+# Millions of parameters with a 710-class head (the VideoMAE V2 paper and its public code).
 PARAMS_M = {"vit_s": 22.15, "vit_b": 86.77, "vit_l": 304.6, "vit_h": 632.5, "vit_g": 1012.6}
 FRAMES, SIZE = 16, 64  # debug clips: grid (8, 4, 4), 128 tokens
 

@@ -1,5 +1,5 @@
 """MAR fine-tuning: running-cell drop masks, the bridging classifier, the reconstruction branch
-(REFERENCE.md, "Masks"), their config keys, and the pipeline recipe that uses them."""
+(VideoMAE V2 and MAR, as their public code builds them), their config keys, and the pipeline recipe that uses them."""
 from pathlib import Path
 
 import pytest

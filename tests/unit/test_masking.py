@@ -1,4 +1,4 @@
-"""Mask counts and patterns (REFERENCE.md, "Masks") and the loss's choice of tokens."""
+"""Mask counts and patterns (VideoMAE V2 and MAR, as their public code builds them) and the loss's choice of tokens."""
 import pytest
 import torch
 
@@ -73,7 +73,7 @@ def test_encoder_only_decodes_exactly_the_masked_set():
 
 def test_dual_masking_decoder_sequence_length():
     enc, dec = make_masks(2, B_GRID, "tube", 0.9, "running_cell", 0.5, gen())
-    assert int((~enc[0]).sum() + dec[0].sum()) == 944  # REFERENCE: ViT-B decoder sees 944 tokens
+    assert int((~enc[0]).sum() + dec[0].sum()) == 944  # VideoMAE V2: the ViT-B decoder sees 944 tokens
     enc, dec = make_masks(2, G_GRID, "tube", 0.9, "running_cell", 0.5, gen())
     assert int((~enc[0]).sum() + dec[0].sum()) == 1232
 

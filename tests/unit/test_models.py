@@ -1,4 +1,4 @@
-"""Model shapes, parameter counts against REFERENCE.md, checkpoint key layout, activation checkpointing."""
+"""Model shapes, parameter counts against the published sizes, checkpoint key layout, activation checkpointing."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
 from scaling.models.vit import VIT_SIZES, count_params
 
-# Millions of parameters with a 710-class head (REFERENCE.md, "Model sizes").
+# Millions of parameters with a 710-class head (the VideoMAE V2 paper and its public code).
 CLASSIFIER_PARAMS_M = {"vit_s": 22.15, "vit_b": 86.77, "vit_l": 304.6, "vit_h": 632.5, "vit_g": 1012.6}
 TOKENS = {"vit_s": 1568, "vit_b": 1568, "vit_l": 1568, "vit_h": 1568, "vit_g": 2048}
 

@@ -2,7 +2,7 @@
 # A real one-node Slurm on this machine, for the tests marked `slurm`:
 #   tests/integration/slurm/cluster.sh start    # installs slurm-wlm + munge if missing (root), starts daemons
 #   tests/integration/slurm/cluster.sh stop
-# Prints `export SLURM_CONF=...` on start. Settings that work on these machines: DESIGN.md.
+# Prints `export SLURM_CONF=...` on start.
 # The one real node declares 8 GPUs backed by plain files, so templates asking --gres=gpu:8
 # run on it; eight more nodes (sim[1-8], this host's address) sit in the `sizing` partition
 # only, so that `sbatch --test-only` accepts the 8-node templates; no job step runs there.
