@@ -5,7 +5,6 @@ Needs the `ffmpeg` command (the Makefile installs it; the tests fail without it)
 frames) so the whole file runs in seconds on 2 cores.
 """
 
-import argparse
 import io
 import json
 import os
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from scaling.cli.data import add_shard_parser
+from scaling.cli import main
 from scaling.data.shards import Item, plan_shards, target_size, write_shards
 
 SHORT, MAX_S = 64, 3.0  # options of the main run: short side 64 px, at most 3 s
@@ -187,10 +186,7 @@ def test_rerun_rewrites_only_missing_shards(videos, sharded, tmp_path):
 
 
 def run_cli(*argv):
-    p = argparse.ArgumentParser()
-    add_shard_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["shard", *argv])
-    return args.func(args)
+    return main(["shard", *argv])  # user errors become exit 2 in one place: scaling.cli.main
 
 
 def test_csv_labels_and_class_map(videos, tmp_path, capsys):
