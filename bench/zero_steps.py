@@ -51,7 +51,8 @@ def main() -> None:
     from scaling.data.noise import noise_batches
     from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
     from scaling.models.pretrain import build_pretrain_model
-    from scaling.train.engine import build_ds_config, build_model, initialize, input_dtype
+    from scaling.precision import input_dtype
+    from scaling.train.engine import build_ds_config, build_model, initialize
     from scaling.train.pretrain import masks_for_rank, step_seed
     from scaling.train.run_start import init_ranks
 

@@ -17,8 +17,6 @@ The shipped files are generated from the class lists by `write_label_files`; to 
 
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import csv
 import json
 import shutil
@@ -28,14 +26,28 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-DATASETS = (400, 600, 700)
-NUM_K710 = 710
+from scaling.errors import UserError
+from scaling.label_space import (  # noqa: F401  (re-exported: the label tools' names)
+    DATASETS,
+    NUM_K710,
+    _check_target,
+    _index_map,
+    _shipped,
+    head_710_to,
+    index_map,
+    load_class_list,
+    load_k710_classes,
+    load_renames,
+)
+
 # Which copy of a video wins when several train (or val) sets hold it: the newest release,
 # whose annotations were re-checked last.
 PRIORITY = (700, 600, 400)
 SOURCE_FILES = tuple(f"classes_k{n}.txt" for n in DATASETS) + ("renamed_classes.json",)
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 OUT_COLUMNS = ("youtube_id", "time_start", "time_end", "label", "label_index", "source")
+
+
 class AnnotationError(UserError, ValueError):
     """An annotation file without the needed columns, or none given."""
 
@@ -85,64 +97,6 @@ def _write_label_outputs(dst: Path, k710: list[str], lists: dict[int, list[str]]
     (dst / "k710_classes.txt").write_text("".join(f"{c}\n" for c in k710), encoding="utf-8")
     for n in DATASETS:
         (dst / f"k710_to_k{n}.json").write_text(json.dumps(build_index_map(k710, lists[n])) + "\n")
-
-
-# ---------------------------------------------------------------- label space (shipped files)
-
-
-def _shipped(name: str):
-    return files("scaling.data").joinpath("kinetics_labels", name)
-
-
-def _check_target(target: int) -> int:
-    if target not in DATASETS:
-        raise ValueError(f"target must be one of {DATASETS}, got {target!r}")
-    return target
-
-
-@lru_cache(maxsize=None)
-def _k710() -> tuple[str, ...]:
-    return tuple(_shipped("k710_classes.txt").read_text(encoding="utf-8").splitlines())
-
-
-@lru_cache(maxsize=None)
-def _class_list(target: int) -> tuple[str, ...]:
-    return tuple(_shipped(f"classes_k{_check_target(target)}.txt").read_text(encoding="utf-8").splitlines())
-
-
-@lru_cache(maxsize=None)
-def _index_map(target: int) -> tuple[int, ...]:
-    return tuple(json.loads(_shipped(f"k710_to_k{_check_target(target)}.json").read_text()))
-
-
-def load_k710_classes() -> list[str]:
-    return list(_k710())
-
-
-def load_class_list(target: int) -> list[str]:
-    """K400/K600/K700 class names (current spellings) in that dataset's own order."""
-    return list(_class_list(target))
-
-
-def load_renames() -> dict[str, str]:
-    """Older spelling -> current class name."""
-    return json.loads(_shipped("renamed_classes.json").read_text(encoding="utf-8"))
-
-
-def index_map(target: int) -> list[int]:
-    """`idx[i]` = 710 index of class i of K`target`; `head_target = head_710[idx]`."""
-    return list(_index_map(target))
-
-
-def head_710_to(target: int, weight, bias=None):
-    """Rows of a 710-way Linear (weight [710, D], bias [710] or None) for a K`target` head."""
-    import torch  # here, so the label tools do not pay for importing torch
-
-    if weight.shape[0] != NUM_K710:
-        raise ValueError(f"expected a {NUM_K710}-row head weight, got shape {tuple(weight.shape)}")
-    idx = torch.tensor(index_map(target), dtype=torch.long, device=weight.device)
-    # index_select copies, so the new head does not share storage with the 710-way one.
-    return weight.index_select(0, idx), None if bias is None else bias.index_select(0, idx)
 
 
 def harmonize(label: str, classes, renames: dict[str, str]) -> str | None:

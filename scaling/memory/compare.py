@@ -152,7 +152,7 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
     model.train()
     g = torch.Generator().manual_seed(spec.seed)
     if variant == "unmasked" or mar:
-        from scaling.train.finetune import finetune_loss  # the training loop's loss; imports DeepSpeed, so only here
+        from scaling.losses import finetune_loss  # the training loop's loss
 
         labels = torch.zeros(spec.batch, dtype=torch.long, device=device)
         n = model.grid[0] * model.grid[1] * model.grid[2]

@@ -34,9 +34,10 @@ from scaling.masking import MASKINGS, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
 from scaling.models.pretrain import VideoMAEPretrain
 from scaling.models.vit import Block, ViTSize, get_size, num_tokens
+from scaling.precision import DTYPES
 
 GiB = 2**30
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 OFFLOAD = ("none", "cpu", "nvme")
 # DeepSpeed's defaults for the ZeRO settings the extras depend on (deepspeed/runtime/zero/config.py).
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling.data.kinetics import NUM_K710, head_710_to
 from scaling.errors import UserError
+from scaling.label_space import NUM_K710, head_710_to
 from scaling.models.vit import ViTSize, num_tokens, sincos_position_table
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "backbone.")  # torch.compile, DDP/DeepSpeed, mmaction

@@ -92,6 +92,3 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     return engine, scheduler
 
 
-def input_dtype(precision: str) -> torch.dtype:
-    """DeepSpeed casts the model itself to bf16/fp16; inputs must be cast to match."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

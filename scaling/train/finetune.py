@@ -24,12 +24,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from scaling.config import RunConfig, data_sources, micro_batch
 from scaling.data.finetune import build_finetune_loader
 from scaling.evaluate import evaluate
-from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.losses import finetune_loss
 from scaling.masking import finetune_drop_mask
 from scaling.models.classify import VideoClassifier, build_classifier
+from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
-from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
+from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr, run_steps
 from scaling.train.guard import DivergenceGuard
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
@@ -89,23 +90,6 @@ def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, r
     g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
     mask = finetune_drop_mask(k.finetune, rows * world, grid, k.finetune_ratio, train=True, generator=g)
     return mask[rank * rows:(rank + 1) * rows]
-
-
-def finetune_loss(model, video: torch.Tensor, target: torch.Tensor, criterion, drop_mask: torch.Tensor | None = None,
-                  reconstruction_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss and its parts: the criterion on the logits, plus MAR's weighted
-    MSE on the normalized pixels of the dropped tokens. `model` is a VideoClassifier or the
-    DeepSpeed engine around one; `video` (B, 3, T, H, W) already in the model's dtype."""
-    if reconstruction_weight <= 0:
-        loss = criterion(model(video, drop_mask).float(), target)
-        return loss, {"loss_cls": loss.detach()}
-    logits, pred = model(video, drop_mask, reconstruct=True)  # pred (B, N_drop, 2*p*p*3)
-    size = getattr(model, "module", model).size
-    # The target is the clip the encoder was given (after mixup/cutmix and erasing), as in MAR.
-    pixels = normalized_pixel_target(video, size.patch, size.tubelet)  # (B, N, 2*p*p*3)
-    rec = masked_reconstruction_loss(pred, pixels, drop_mask, drop_mask)  # every dropped token counts
-    cls = criterion(logits.float(), target)
-    return cls + reconstruction_weight * rec, {"loss_cls": cls.detach(), "loss_rec": rec.detach()}
 
 
 @closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED

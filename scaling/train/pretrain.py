@@ -19,9 +19,10 @@ from scaling.data.transforms import normalize_video
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
+from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
 from scaling.train import checkpoint
-from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
+from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr
 from scaling.train.guard import Diverged, DivergenceGuard
 from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.signals import StopRequest

@@ -9,13 +9,13 @@ from helpers import REPO
 
 from scaling.config import ConfigError, RunConfig, _build, load_config, validate
 from scaling.evaluate import video_probabilities
-from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.losses import finetune_loss, masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import finetune_drop_mask, mar_drop_mask
 from scaling.models.classify import BRIDGING, BRIDGING_FOR_SIZE, build_classifier
 from scaling.models.convert import load_pretrained
 from scaling.models.pretrain import build_pretrain_model
 from scaling.models.vit import count_params
-from scaling.train.finetune import classifier_for, drop_mask_for_rank, finetune_loss
+from scaling.train.finetune import classifier_for, drop_mask_for_rank
 from scaling.train.param_groups import layer_decay_groups
 
 B_GRID = (8, 14, 14)  # ViT-B, 16x224
