@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from scaling.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()

@@ -1,13 +1,6 @@
 """Run a progressive pipeline (pre-train -> post-pre-train -> fine-tune) from one YAML.
 
-    name: smoke
-    output_dir: runs/smoke
-    ranks: 2
-    tracking: {experiment: smoke}
-    defaults: {model: {name: debug}, ...}      # merged under every stage
-    stages:                                    # run in this order
-      pretrain: {stage: pretrain, ...}         # each a run config (scaling/config.py)
-      postpretrain: {stage: finetune, finetune: {init_from: previous, ...}}
+The YAML's shape: scaling/pipeline/spec.py.
 
 Each stage trains in `<output_dir>/<stage>/`, exports consolidated fp32 weights to
 `<stage>/export/model_fp32.pt` and records `<stage>/DONE.json`; the next stage starts from

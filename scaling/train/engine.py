@@ -51,14 +51,13 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No decay on biases, norms (all 1-D tensors) and the model's `no_weight_decay()` names."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    from scaling.train.param_groups import no_decay_names, skips_decay
+
+    skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Under zero.Init a partitioned parameter's .shape is empty; ds_shape keeps the true one.
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (no_decay if ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        if p.requires_grad:
+            (no_decay if skips_decay(name, p, skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
