@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
+from scaling.train.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
 
 
 def free_port() -> int:

@@ -71,8 +71,8 @@ def check_before_launch(cfg, probe_tracking: bool) -> None:
 def claim_run_folder(cfg, args, under_launcher: bool) -> None:
     """One run per output folder, and a resume keeps the experiment's config (or says so),
     before any rank starts. Ranks started by `scaling` itself were checked by it."""
-    from scaling.resume_check import check_resume
-    from scaling.run_lock import LOCK_ENV, lock_run_folder
+    from scaling.train.resume_check import check_resume
+    from scaling.train.run_lock import LOCK_ENV, lock_run_folder
 
     if os.environ.get(LOCK_ENV) == str(Path(cfg.train.output_dir).resolve()):
         return

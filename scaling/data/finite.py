@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
-from scaling.data.loader import STAT_NAMES, Counters, _rng, _seed_int, bad_reason, check_positive_ints, shared_empty, source_stat_names
+from scaling.data.stream import STAT_NAMES, Counters, _rng, _seed_int, bad_reason, check_positive_ints, shared_empty, source_stat_names
 from scaling.data.sources import Source, as_sources, expand_shards
 from scaling.data.transforms import (
     ClipRandAugment,

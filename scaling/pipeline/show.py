@@ -36,7 +36,7 @@ def count_videos(cfg: RunConfig) -> tuple[int, str]:
     except (ConfigError, ValueError, FileNotFoundError):
         urls = []
     if urls:
-        from scaling.data.finetune import ShardIndex  # imports torch's DataLoader; only needed here
+        from scaling.data.finite import ShardIndex  # imports torch's DataLoader; only needed here
 
         index = ShardIndex()
         try:

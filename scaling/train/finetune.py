@@ -22,7 +22,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from scaling.config import RunConfig, data_sources, micro_batch
-from scaling.data.finetune import build_finetune_loader
+from scaling.data.finite import build_finetune_loader
 from scaling.evaluate import evaluate
 from scaling.losses import finetune_loss
 from scaling.masking import finetune_drop_mask

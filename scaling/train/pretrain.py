@@ -56,7 +56,7 @@ def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
         return noise_batches(seed=cfg.train.seed, rank=rank, clips_per_rank=micro * d.num_sample,
                              grad_accum=cfg.train.grad_accum, num_frames=m.num_frames, input_size=m.input_size,
                              start_step=start_step), dict
-    from scaling.data.loader import build_pretrain_loader
+    from scaling.data.stream import build_pretrain_loader
 
     loader = build_pretrain_loader(
         sources=data_sources(cfg), videos_per_batch=micro, num_frames=m.num_frames, input_size=m.input_size,

@@ -50,7 +50,7 @@ def move_aside(out: Path) -> Path:
 
 def check_resume(cfg: RunConfig, fresh: bool, allow_changed: bool, quiet: bool = False) -> None:
     """Before launch: refuse a resume that would change the experiment (see the module text)."""
-    from scaling.run_lock import lock_run_folder, unlock_run_folder
+    from scaling.train.run_lock import lock_run_folder, unlock_run_folder
 
     out = Path(cfg.train.output_dir)
     if fresh:

@@ -356,7 +356,7 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
 
 def test_config_change_check_lets_lengths_and_ranks_change_and_fresh_moves_the_folder(tmp_path, capsys):
     from scaling.config import ConfigError, load_config, save_config
-    from scaling.resume_check import check_resume
+    from scaling.train.resume_check import check_resume
 
     out = tmp_path / "run"
     base = [f"train.output_dir={out}", "data.source=noise"]
@@ -375,9 +375,9 @@ def test_config_change_check_lets_lengths_and_ranks_change_and_fresh_moves_the_f
 
 
 def test_lock_is_released_when_its_process_dies(tmp_path):
-    from scaling.run_lock import FolderInUse, lock_run_folder, unlock_run_folder
+    from scaling.train.run_lock import FolderInUse, lock_run_folder, unlock_run_folder
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from scaling.run_lock import lock_run_folder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from scaling.train.run_lock import lock_run_folder; "
                                f"lock_run_folder({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
                               env=env_for(tmp_path), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from scaling.data.loader import build_pretrain_loader
+from scaling.data.stream import build_pretrain_loader
 from scaling.data.synth import write_synthetic_shards
 from scaling.data.transforms import IMAGENET_MEAN, IMAGENET_STD, multi_scale_crop, sample_crop_box, to_normalized_tensor
 from scaling.data.video import VideoDecodeError, clip_indices, decode_frames
@@ -153,7 +153,7 @@ def test_bad_arguments_are_clear(tmp_path):
 
 
 def test_shards_without_any_video_fail_clearly(tmp_path, monkeypatch):
-    import scaling.data.loader as loader_mod
+    import scaling.data.stream as loader_mod
 
     monkeypatch.setattr(loader_mod, "MAX_CONSECUTIVE_BAD", 6)  # instead of 1000 bad decodes
     path = str(tmp_path / "junk-000000.tar")
@@ -196,7 +196,7 @@ def test_mix_realizes_the_weights_over_2000_samples(two_sources):
 
 
 def test_mix_is_deterministic_resumable_and_uses_each_sources_stride(two_sources, monkeypatch):
-    import scaling.data.loader as loader_mod
+    import scaling.data.stream as loader_mod
     from scaling.data.sources import Source
 
     a, b = two_sources

@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from scaling.data.finetune import build_finetune_loader
+from scaling.data.finite import build_finetune_loader
 from scaling.data.sources import Source
 from scaling.data.synth import write_synthetic_shards
 from scaling.data.transforms import (

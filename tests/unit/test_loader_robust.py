@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.data.finetune import build_finetune_loader
-from scaling.data.loader import build_pretrain_loader
+from scaling.data.finite import build_finetune_loader
+from scaling.data.stream import build_pretrain_loader
 from scaling.data.synth import encode_mp4, render_video, write_synthetic_shards
 from scaling.data.video import VideoDecodeError, decode_frames
 
@@ -141,7 +141,7 @@ def test_finite_loader_accounts_for_every_sample(data, train):
 
 
 def test_unreadable_shards_fail_clearly_instead_of_spinning(tmp_path, monkeypatch):
-    import scaling.data.loader as loader_mod
+    import scaling.data.stream as loader_mod
 
     junk = tmp_path / "junk-000000.tar"
     junk.write_bytes(b"this is not a tar file" * 100)

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from scaling.config import ConfigError, load_config, validate
-from scaling.data.finetune import build_finetune_loader
+from scaling.data.finite import build_finetune_loader
 from scaling.data.synth import encode_mp4
 from scaling.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from scaling.data.video import segment_indices, segment_test_indices
