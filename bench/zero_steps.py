@@ -54,7 +54,7 @@ def main() -> None:
     from scaling.precision import input_dtype
     from scaling.train.engine import build_ds_config, build_model, initialize
     from scaling.train.pretrain import masks_for_rank, step_seed
-    from scaling.train.run_start import init_ranks
+    from scaling.train.run import init_ranks
 
     rank, world = init_ranks()
     # An idle rank: framework imported, process group up, no model yet. Everything above this

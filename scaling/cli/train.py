@@ -29,7 +29,7 @@ def cmd_train(args, stage: str | None = None) -> int:
         code = launch.launch_local("train", resolved, cfg.train.ranks)
         return explain_failure(args, cfg, code) if code else exit_code_of_run(cfg)
     from scaling.train.checkpoint import EXIT_FAILED, RunFailed
-    from scaling.train.pretrain import local_env_for_single_process
+    from scaling.train.run import local_env_for_single_process
     from scaling.train.signals import EXIT_INTERRUPTED
 
     # Ranks under an external launcher exit 0 when they stop early (a non-zero exit would read

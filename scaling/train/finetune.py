@@ -29,13 +29,11 @@ from scaling.masking import finetune_drop_mask
 from scaling.models.classify import VideoClassifier, build_classifier
 from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
-from scaling.train import checkpoint
+from scaling.train import run  # the run skeleton shared with pre-training
 from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr, run_steps
 from scaling.train.guard import DivergenceGuard
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
-from scaling.train.pretrain import log_step, step_seed, stop_if_diverged, summed
-from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
 
@@ -87,7 +85,7 @@ def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, r
     k = cfg.mask
     if k.finetune == "none":
         return None
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
+    g = torch.Generator().manual_seed(run.step_seed(cfg.train.seed, step, micro))
     mask = finetune_drop_mask(k.finetune, rows * world, grid, k.finetune_ratio, train=True, generator=g)
     return mask[rank * rows:(rank + 1) * rows]
 
@@ -95,10 +93,9 @@ def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, r
 @closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED
 def run_finetune(cfg: RunConfig) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
-    rank, world = init_ranks()
+    rank, world = run.init_ranks()
     out = Path(cfg.train.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ds_config, resume_tag = ds_config_for(cfg, rank, world)
+    ds_config, resume_tag = run.ds_config_for(cfg, rank, world)
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)
@@ -122,7 +119,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
 
-    state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
+    state, tracker = run.resume_and_track(engine, scheduler, cfg, rank, ds_config, {
         "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
@@ -140,8 +137,8 @@ def run_finetune(cfg: RunConfig) -> dict:
     guard = DivergenceGuard(t.max_nonfinite_steps, t.precision, start)
     for step in range(start, end):
         t0 = time.perf_counter()
-        torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
-        np.random.seed(step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
+        torch.manual_seed(run.step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
+        np.random.seed(run.step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
         # Layer decay lives in each group's lr (peak x lr_scale); the schedule scales all alike.
         lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
         lr_lowest = min(g["lr"] for g in scheduler.optimizer.param_groups)
@@ -167,21 +164,16 @@ def run_finetune(cfg: RunConfig) -> dict:
             losses = {}  # loss_cls is the loss itself
         seconds = time.perf_counter() - t0
         logging = (step + 1) % t.log_every == 0
-        counters = summed(loader.stats) if logging else {}
+        counters = run.summed(loader.stats) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            log_step(tracker, out, step + 1, total, {
+            run.log_step(tracker, out, step + 1, total, {
                 "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest,
                 "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
-        stop_if_diverged(guard, tracker, out, rank)
-        stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
-        if ((step + 1) % t.save_every == 0 and finite) or step + 1 == end or stopping:
-            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,
-                                                         "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints, step_loss)
-        if stopping and step + 1 < end:
-            stop.record(step + 1)
+        state = run.client_state(step + 1, tracker, t.seed, epoch=(step + 1) // steps_per_epoch)
+        if run.end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
             end = step + 1
             break
 
@@ -195,7 +187,5 @@ def run_finetune(cfg: RunConfig) -> dict:
             tracker.log_artifact(str(out / "eval.json"))
             print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
                   f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
-    if rank == 0:
-        tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
-    dist.barrier()
+    run.close_run(tracker, stop, rank)
     return results

@@ -83,8 +83,7 @@ def skipped_step_probe() -> None:
     from scaling.models.pretrain import build_pretrain_model
     from scaling.train.engine import build_model, initialize
     from scaling.train.guard import DivergenceGuard
-    from scaling.train.pretrain import local_env_for_single_process
-    from scaling.train.run_start import build_ds_config, init_ranks
+    from scaling.train.run import build_ds_config, init_ranks, local_env_for_single_process
 
     cfg = load_config(SMOKE, [*NOISE, "train.ranks=1", "model.activation_checkpointing=false", "optim.warmup_steps=0",
                               "train.global_batch=2"])
