@@ -26,7 +26,7 @@ def data(tmp_path_factory, synth_shards):
 def overrides(data: Path, out: Path) -> list[str]:
     """The smoke pipeline, shortened: 4 pre-training steps, 2 epochs per supervised stage; the
     fine-tune stage uses MAR (running-cell drop mask, bridging head, reconstruction branch) so
-    that path runs under ZeRO-3 on 2 ranks too (tests/test_slurm.py runs the plain one)."""
+    that path runs under ZeRO-3 on 2 ranks too (tests/integration/test_slurm.py runs the plain one)."""
     return [f"output_dir={out}", f"defaults.data.shards={data}/train/synth-{{000000..000001}}.tar",
             "stages.pretrain.train.steps=4", "stages.postpretrain.train.epochs=2", "stages.finetune.train.epochs=2",
             "stages.postpretrain.train.save_every=1",

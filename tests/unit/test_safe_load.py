@@ -110,7 +110,7 @@ def test_export_of_crafted_checkpoint_folder_is_refused_and_runs_nothing(tmp_pat
 
 def test_deepspeed_checkpoint_classes_are_allowed(tmp_path):
     """What DeepSpeed pickles into its optimizer states (ZeRO stage enum, loss scaler) passes;
-    a run's real checkpoint passes in tests/test_tracking_guard.py (`scaling export`)."""
+    a run's real checkpoint passes in tests/integration/test_tracking_guard.py (`scaling export`)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
