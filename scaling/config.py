@@ -7,6 +7,7 @@ is launched.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -214,19 +215,20 @@ def with_stage_defaults(data: dict) -> dict:
     if not isinstance(data, dict):
         return data
     defaults = STAGE_DEFAULTS.get(data.get("stage", "pretrain"), {})
-    return _merged(defaults, data)
+    return merge(defaults, data)
 
 
-def _merged(base: dict, top: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+def merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, nested mappings merged key by key; neither input is changed."""
+    out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
 def build_run_config(data: dict) -> RunConfig:
     """A typed RunConfig from nested dicts, with the stage's defaults under them."""
-    return _build(RunConfig, with_stage_defaults(data))
+    return from_dict(RunConfig, with_stage_defaults(data))
 
 
 def _coerce(value, annotation, key: str):
@@ -245,7 +247,7 @@ def _coerce(value, annotation, key: str):
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         if dataclasses.is_dataclass(item):
-            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return [from_dict(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
@@ -282,7 +284,7 @@ def _number(value):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -296,7 +298,7 @@ def _build(cls, data: dict, prefix: str = ""):
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, data[name] or {}, f"{prefix}{name}.")
+            kwargs[name] = from_dict(hint, data[name] or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(data[name], hint, prefix + name)
     return cls(**kwargs)

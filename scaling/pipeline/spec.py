@@ -11,11 +11,10 @@
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaling.config import ConfigError, RunConfig, apply_overrides, build_run_config, read_yaml, validate
+from scaling.config import ConfigError, RunConfig, apply_overrides, build_run_config, merge, read_yaml, validate
 
 EXPORT = Path("export") / "model_fp32.pt"
 PIPELINE_KEYS = {"name", "output_dir", "ranks", "tracking", "defaults", "stages", "slurm"}
@@ -52,13 +51,6 @@ class Pipeline:
     def previous(self, stage: Stage) -> Stage | None:
         i = self.stages.index(stage)
         return self.stages[i - 1] if i else None
-
-
-def merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def load_pipeline(path: str, overrides: list[str] = (), only: str | None = None) -> Pipeline:

@@ -115,10 +115,10 @@ def test_recipes_parse_into_typed_stage_configs(recipe):
     """The cluster recipes cannot run here (no Kinetics), but every key and type is checked."""
     import yaml
 
-    from scaling.config import RunConfig, _build
+    from scaling.config import RunConfig, from_dict
     from scaling.pipeline import merge
 
     raw = yaml.safe_load((REPO / "pipelines" / f"{recipe}.yaml").read_text())
     for name, body in raw["stages"].items():
-        cfg = _build(RunConfig, merge(raw.get("defaults", {}), body))
+        cfg = from_dict(RunConfig, merge(raw.get("defaults", {}), body))
         assert cfg.stage in ("pretrain", "finetune"), name

@@ -7,7 +7,7 @@ import torch
 import yaml
 from helpers import REPO
 
-from scaling.config import ConfigError, RunConfig, _build, load_config, validate
+from scaling.config import ConfigError, RunConfig, from_dict, load_config, validate
 from scaling.evaluate import video_probabilities
 from scaling.losses import finetune_loss, masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import finetune_drop_mask, mar_drop_mask
@@ -268,7 +268,7 @@ def test_smoke_mar_recipe_builds_the_mar_finetune_model():
     from scaling.pipeline import merge
 
     raw = yaml.safe_load((REPO / "pipelines" / "smoke_mar.yaml").read_text())
-    stages = {name: _build(RunConfig, merge(raw["defaults"], body)) for name, body in raw["stages"].items()}
+    stages = {name: from_dict(RunConfig, merge(raw["defaults"], body)) for name, body in raw["stages"].items()}
     mar = stages["finetune"]
     assert (mar.model.head, mar.mask.finetune, mar.mask.finetune_ratio) == ("bridging", "running_cell", 0.5)
     assert mar.finetune.reconstruction_weight > 0
