@@ -6,7 +6,7 @@
     tracking: {experiment: smoke}
     defaults: {model: {name: debug}, ...}      # merged under every stage
     stages:                                    # run in this order
-      pretrain: {stage: pretrain, ...}         # each a run config (scaling/config.py)
+      pretrain: {stage: pretrain, ...}         # each a run config (scaling/config/)
       postpretrain: {stage: finetune, finetune: {init_from: previous, ...}}
 """
 from __future__ import annotations
