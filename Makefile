@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 STEPS ?= 40
 RANKS ?= 2
 
-.PHONY: setup demo pretrain test bench clean
+.PHONY: setup demo pretrain test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -46,8 +46,16 @@ demo: $(STAMP) data/synth/synth-000003.tar data/synth_val/synth-000001.tar
 pretrain: $(STAMP) data/synth/synth-000003.tar
 	$(VENV)/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=$(STEPS) train.ranks=$(RANKS)
 
-test: $(STAMP)
+# The full suite (what CI runs through .ci/run): the linter, then tests/unit and tests/integration.
+test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=10
+
+# The unit tier only (no ranks, no Slurm): the one to run while editing.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q --durations=5 tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/step.py --model vit_b --batch 2 --masking dual --precision bf16 --attention both

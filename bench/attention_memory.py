@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
             b["growth_exponent"] = math.log(max(b["peak_bytes"], 1) / max(a["peak_bytes"], 1)) / math.log(b["tokens"] / a["tokens"])
 
     out = {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
-           "measure": "torch.cuda.max_memory_allocated above start" if args.device == "cuda" else "ru_maxrss above the level after a 16-token warm-up, fresh process per point",
+           "measure": "torch.cuda.max_memory_allocated above start" if args.device == "cuda"
+           else "ru_maxrss above the level after a 16-token warm-up, fresh process per point",
            "results": rows}
     path = Path(args.out or Path(__file__).resolve().parent / "results" / f"attention_memory_{args.device}_{args.precision}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,8 @@ def main(argv=None) -> dict:
     print(f"{'attention':<9} {'tokens':>6} {'peak MB':>9} {'one NxN MB':>10} {'growth exp':>10} {'s':>6}")
     for r in rows:
         g = f"{r['growth_exponent']:.2f}" if "growth_exponent" in r else "-"
-        print(f"{r['attention']:<9} {r['tokens']:>6} {r['peak_bytes'] / 2**20:9.1f} {r['one_n_by_n_bytes'] / 2**20:10.1f} {g:>10} {r['seconds']:6.2f}")
+        print(f"{r['attention']:<9} {r['tokens']:>6} {r['peak_bytes'] / 2**20:9.1f} "
+              f"{r['one_n_by_n_bytes'] / 2**20:10.1f} {g:>10} {r['seconds']:6.2f}")
     print(f"wrote {path}")
     return out
 

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.dlpack import from_dlpack  # noqa: E402
 
-from scaling.data.loader import _rng, build_pretrain_loader  # noqa: E402
+from scaling.data.stream import _rng, build_pretrain_loader  # noqa: E402
 from scaling.data.synth import encode_mp4, write_synthetic_shards  # noqa: E402
 from scaling.data.video import clip_indices  # noqa: E402
 

@@ -1,7 +1,7 @@
 """`bench/step.py --stage finetune`: what MAR's fine-tune masking and bridging head cost and save.
 
 Variants: head (linear | bridging) x fine-tune mask (none | running_cell). Each step is the
-training loop's own: `scaling.train.finetune.finetune_loss` (cross-entropy, plus the weighted
+training loop's own: `scaling.losses.finetune_loss` (cross-entropy, plus the weighted
 reconstruction of the dropped tokens with `--reconstruction`) and backward, on a model from
 `build_classifier`. Steps are interleaved across variants so drift hits all alike.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from scaling.losses import finetune_loss
 from scaling.masking import finetune_drop_mask
 from scaling.memory.compare import classifier_forward_flops as forward_flops
 from scaling.models.classify import build_classifier
-from scaling.train.finetune import finetune_loss
 
 
 def variant_name(head: str, mask: str) -> str:
@@ -110,8 +110,10 @@ def finetune_main(args, peak_cuda, peak_rss) -> dict:
         "load_avg_before_after": [load_before, list(os.getloadavg())],
         "tokens": {"all": n_tokens, "kept_running_cell": n_tokens - int(n_tokens * args.finetune_ratio)},
         "flops": "forward only, FlopCounterMode (2 x MACs), for the whole batch, in fp32",
-        "step": "forward + backward of cross-entropy" + (f" + {args.reconstruction} x reconstruction (masked variants)" if args.reconstruction else ""),
-        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda" else "peak RSS above the step's start",
+        "step": "forward + backward of cross-entropy"
+        + (f" + {args.reconstruction} x reconstruction (masked variants)" if args.reconstruction else ""),
+        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda"
+        else "peak RSS above the step's start",
         "wall_s": time.perf_counter() - t_start,
         "results": res,
         "masked_over_unmasked": ratios,

@@ -32,9 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from naive_attention import naive_copy  # noqa: E402
-
 from finetune_step import finetune_main  # noqa: E402
+from naive_attention import naive_copy  # noqa: E402
 
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target  # noqa: E402
 from scaling.masking import make_masks  # noqa: E402
@@ -237,7 +236,8 @@ def main(argv=None) -> dict:
             "encoder": sdpa_backend(device, dtype, size.heads, n_vis),
             "decoder": sdpa_backend(device, dtype, size.decoder_heads, n_dec_seq),
         },
-        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda" else "peak RSS above the step's start (sampled every 1 ms, after malloc_trim)",
+        "peak_memory": "torch.cuda.max_memory_allocated above the step's start" if device.type == "cuda"
+        else "peak RSS above the step's start (sampled every 1 ms, after malloc_trim)",
         "wall_s": time.perf_counter() - t_start,
         "results": res,
     }
@@ -246,12 +246,14 @@ def main(argv=None) -> dict:
     path.write_text(json.dumps(out, indent=2) + "\n")
 
     print(f"{args.model} batch {args.batch} {args.frames}x{args.size} {args.masking} {args.precision}"
-          f"{' ckpt' if args.checkpointing else ''}{'' if args.compile == 'none' else ' compiled: ' + args.compile} on {device} ({args.threads} threads), "
+          f"{' ckpt' if args.checkpointing else ''}{'' if args.compile == 'none' else ' compiled: ' + args.compile}"
+          f" on {device} ({args.threads} threads), "
           f"tokens enc {n_vis} / dec {n_dec_seq}, SDPA backend {out['sdpa_backend']}")
     print(f"{'attention':<10} {'s/step':>8} {'min s':>7} {'cpu s':>7} {'clips/s':>8} {'peak MB':>9} {'loss':>10} {'warm-up s':>9}  steps")
     for k in kinds:
         r = res[k]
-        print(f"{k:<10} {r['median_s']:8.3f} {r['min_s']:7.3f} {r['median_cpu_s']:7.3f} {r['clips_per_s']:8.3f} {r['peak_mb']:9.0f} {r['loss']:10.6f} {r['warmup_s'][0] if r['warmup_s'] else 0:9.2f}  "
+        print(f"{k:<10} {r['median_s']:8.3f} {r['min_s']:7.3f} {r['median_cpu_s']:7.3f} {r['clips_per_s']:8.3f} "
+              f"{r['peak_mb']:9.0f} {r['loss']:10.6f} {r['warmup_s'][0] if r['warmup_s'] else 0:9.2f}  "
               + " ".join(f"{s:.3f}" for s in r["seconds"]))
     if len(kinds) == 2:
         print(f"sdpa / naive = {res['sdpa_over_naive']:.3f} (medians), {res['sdpa_over_naive_min']:.3f} (minima), "

@@ -51,9 +51,10 @@ def main() -> None:
     from scaling.data.noise import noise_batches
     from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
     from scaling.models.pretrain import build_pretrain_model
-    from scaling.train.engine import build_ds_config, build_model, initialize, input_dtype
+    from scaling.precision import input_dtype
+    from scaling.train.engine import build_ds_config, build_model, initialize
     from scaling.train.pretrain import masks_for_rank, step_seed
-    from scaling.train.run_start import init_ranks
+    from scaling.train.run import init_ranks
 
     rank, world = init_ranks()
     # An idle rank: framework imported, process group up, no model yet. Everything above this

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from scaling.config import RunConfig, micro_batch
-from scaling.data.finetune import build_finetune_loader
+from scaling.data.finite import build_finetune_loader
 from scaling.masking import finetune_drop_mask
-from scaling.train.engine import input_dtype
+from scaling.precision import input_dtype
 
 
 @torch.no_grad()

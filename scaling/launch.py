@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
+from scaling.train.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
 
 
 def free_port() -> int:
@@ -40,8 +40,6 @@ def under_launcher() -> bool:
 def launch_local(command: str, resolved_config: Path, ranks: int, out_dir: Path | None = None) -> int:
     """Run `scaling <command> --config <resolved>` on `ranks` local processes; returns the exit
     code. `out_dir` (default: the resolved config's folder) is locked for this run."""
-    from scaling.train.checkpoint import FAILED_FILE
-    from scaling.train.signals import CLEARED_ENV, EXIT_INTERRUPTED, STOP_FILE, STOPPED_FILE
 
     out = Path(out_dir or Path(resolved_config).parent)
     lock_run_folder(out)

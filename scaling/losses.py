@@ -1,11 +1,12 @@
-"""Pre-training loss: per-patch normalized pixels, MSE on decoded tokens the encoder did not see."""
+"""The objectives, in one place for training, bench/ and memory/: pre-training (per-patch
+normalized pixels, MSE on decoded tokens the encoder did not see) and fine-tuning (the
+criterion on the logits, plus MAR's reconstruction of the dropped tokens)."""
 from __future__ import annotations
 
 import torch
 from einops import rearrange
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from scaling.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()
@@ -39,3 +40,20 @@ def masked_reconstruction_loss(
     per_token = (prediction.float() - target).pow(2).mean(dim=-1)  # (B, N_dec)
     per_sample = (per_token * counted).sum(dim=1) / counted.sum(dim=1).clamp_min(1.0)
     return per_sample.mean()
+
+
+def finetune_loss(model, video: torch.Tensor, target: torch.Tensor, criterion, drop_mask: torch.Tensor | None = None,
+                  reconstruction_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss and its parts: the criterion on the logits, plus MAR's weighted
+    MSE on the normalized pixels of the dropped tokens. `model` is a VideoClassifier or the
+    DeepSpeed engine around one; `video` (B, 3, T, H, W) already in the model's dtype."""
+    if reconstruction_weight <= 0:
+        loss = criterion(model(video, drop_mask).float(), target)
+        return loss, {"loss_cls": loss.detach()}
+    logits, pred = model(video, drop_mask, reconstruct=True)  # pred (B, N_drop, 2*p*p*3)
+    size = getattr(model, "module", model).size
+    # The target is the clip the encoder was given (after mixup/cutmix and erasing), as in MAR.
+    pixels = normalized_pixel_target(video, size.patch, size.tubelet)  # (B, N, 2*p*p*3)
+    rec = masked_reconstruction_loss(pred, pixels, drop_mask, drop_mask)  # every dropped token counts
+    cls = criterion(logits.float(), target)
+    return cls + reconstruction_weight * rec, {"loss_cls": cls.detach(), "loss_rec": rec.detach()}

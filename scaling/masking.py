@@ -11,11 +11,76 @@ Conventions:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-ENCODER_MASKS = ("tube", "random")
-DECODER_MASKS = ("running_cell", "none")
-FINETUNE_MASKS = ("none", "running_cell")
+# ---------------------------------------------------------------- the registry of mask modes
+# A mode is a name under one role (encoder: what the encoder does not see; decoder: what the
+# decoder reconstructs; finetune: what MAR drops before the encoder), a function that makes the
+# batch's mask and a check of the settings it can honour. Config validation, `memory plan` and
+# `memory compare` read this registry; a new mode is one `register_mask` call (see
+# tests/unit/test_masking.py, which registers a toy mode and removes it).
+ROLES = ("encoder", "decoder", "finetune")
+
+
+@dataclass(frozen=True)
+class MaskMode:
+    name: str
+    role: str
+    make: Callable[..., torch.Tensor | None]
+    # (grid, ratio, mode_key, ratio_key, input_size) -> one sentence naming what to change, or None
+    check: Callable[..., str | None] | None = None
+
+
+MASK_MODES: dict[str, dict[str, MaskMode]] = {role: {} for role in ROLES}
+
+
+def register_mask(role: str, name: str, check: Callable[..., str | None] | None = None):
+    """Decorator: `make` under `role`. Encoder: make(batch, grid, ratio, generator); decoder:
+    make(batch, grid, ratio, generator, encoder_mask); finetune: make(batch, grid, ratio, train,
+    generator) -> mask or None (no drop)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown mask role '{role}': choose one of {ROLES}")
+
+    def add(make):
+        MASK_MODES[role][name] = MaskMode(name, role, make, check)
+        return make
+
+    return add
+
+
+def unregister_mask(role: str, name: str) -> None:
+    MASK_MODES[role].pop(name, None)
+
+
+def mask_names(role: str) -> tuple[str, ...]:
+    return tuple(MASK_MODES[role])
+
+
+def check_mask(role: str, name: str, grid, ratio: float, mode_key: str, ratio_key: str, input_size: int) -> str | None:
+    """None when mode `name` of `role` exists and honours `ratio` on `grid`, else one sentence."""
+    mode = MASK_MODES[role].get(name)
+    if mode is None:
+        return f"{mode_key} '{name}' is unknown; choose one of {', '.join(mask_names(role))}"
+    return mode.check(grid, ratio, mode_key, ratio_key, input_size) if mode.check else None
+
+
+def _running_cell_check(ratio_words: str):
+    def check(grid, ratio, mode_key, ratio_key, input_size):
+        if grid[1] % 2 or grid[2] % 2:
+            return (f"{mode_key}=running_cell needs an even number of patches per side, but input_size "
+                    f"{input_size} gives {grid[1]}; pick another model.input_size")
+        if ratio not in (0.25, 0.5, 0.75):
+            return f"{ratio_key} {ratio} {ratio_words}; use 0.25, 0.5 or 0.75"
+        return None
+
+    return check
+
+
+# Pre-training maskings by their paper names (`memory plan --masking`, `memory compare` variants).
+MASKINGS = {"dual": "running_cell", "encoder_only": "none"}
 
 
 def _choose(batch: int, population: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -26,6 +91,7 @@ def _choose(batch: int, population: int, count: int, generator: torch.Generator)
     return out.scatter_(1, chosen, True)
 
 
+@register_mask("encoder", "tube")
 def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
     """VideoMAE tube masking: one spatial mask of int(ratio * H'W') tokens, repeated over T'."""
     t, h, w = grid
@@ -33,6 +99,7 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: t
     return spatial[:, None, :].expand(batch, t, h * w).reshape(batch, t * h * w)
 
 
+@register_mask("encoder", "random")
 def random_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
     """MAE-ST spacetime-agnostic masking: int(ratio * N) tokens anywhere in the clip."""
     n = grid[0] * grid[1] * grid[2]
@@ -48,7 +115,8 @@ def running_cell_maps(grid: tuple[int, int, int], ratio: float = 0.5) -> torch.T
     """
     t, h, w = grid
     if h % 2 or w % 2:
-        raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}; pick an input size giving an even number of patches per side")
+        raise ValueError(f"running-cell masking needs an even token grid, got {h}x{w}; "
+                         "pick an input size giving an even number of patches per side")
     dropped = int(4 * ratio)
     if not 0 < dropped < 4:
         raise ValueError(f"running-cell ratio {ratio} leaves no cell pattern; use 0.25, 0.5 or 0.75")
@@ -101,27 +169,37 @@ def make_masks(
     `decoder="none"` is encoder-only masking (plain VideoMAE / MAE-ST): the decoder
     reconstructs exactly the tokens the encoder did not see.
     """
-    if encoder == "tube":
-        enc = tube_mask(batch, grid, encoder_ratio, generator)
-    elif encoder == "random":
-        enc = random_mask(batch, grid, encoder_ratio, generator)
-    else:
-        raise ValueError(f"unknown encoder mask '{encoder}': choose one of {ENCODER_MASKS}")
-    if decoder == "running_cell":
-        dec = running_cell_mask(batch, grid, decoder_ratio, generator)
-    elif decoder == "none":
-        dec = enc.clone()
-    else:
-        raise ValueError(f"unknown decoder mask '{decoder}': choose one of {DECODER_MASKS}")
-    return enc, dec
+    if encoder not in MASK_MODES["encoder"]:
+        raise ValueError(f"unknown encoder mask '{encoder}': choose one of {mask_names('encoder')}")
+    if decoder not in MASK_MODES["decoder"]:
+        raise ValueError(f"unknown decoder mask '{decoder}': choose one of {mask_names('decoder')}")
+    enc = MASK_MODES["encoder"][encoder].make(batch, grid, encoder_ratio, generator)
+    return enc, MASK_MODES["decoder"][decoder].make(batch, grid, decoder_ratio, generator, enc)
+
+
+@register_mask("decoder", "running_cell",
+               _running_cell_check("cannot be honoured exactly: a running cell of 4 tokens drops 1, 2 or 3 of them"))
+def _decoder_running_cell(batch, grid, ratio, generator, encoder_mask):
+    return running_cell_mask(batch, grid, ratio, generator)
+
+
+@register_mask("decoder", "none")
+def _decoder_none(batch, grid, ratio, generator, encoder_mask):
+    return encoder_mask.clone()  # encoder-only masking: reconstruct exactly what the encoder did not see
+
+
+@register_mask("finetune", "none")
+def _finetune_none(batch, grid, ratio, train, generator):
+    return None
+
+
+register_mask("finetune", "running_cell", _running_cell_check("gives no running-cell pattern"))(mar_drop_mask)
 
 
 def finetune_drop_mask(kind: str, batch: int, grid: tuple[int, int, int], ratio: float, train: bool,
                        generator: torch.Generator | None = None) -> torch.Tensor | None:
     """The fine-tune encoder mask of `mask.finetune` (True = dropped), or None for `none`
     (every token seen, plain VideoMAE V2 fine-tuning)."""
-    if kind == "none":
-        return None
-    if kind == "running_cell":
-        return mar_drop_mask(batch, grid, ratio, train, generator)
-    raise ValueError(f"unknown fine-tune mask '{kind}': choose one of {FINETUNE_MASKS}")
+    if kind not in MASK_MODES["finetune"]:
+        raise ValueError(f"unknown fine-tune mask '{kind}': choose one of {mask_names('finetune')}")
+    return MASK_MODES["finetune"][kind].make(batch, grid, ratio, train, generator)

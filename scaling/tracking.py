@@ -51,7 +51,6 @@ class NullTracker:
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_dict(self, data: dict, name: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -134,9 +133,6 @@ class MLflowTracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._queue(("call", self.client.log_artifact, (self.run_id, path, artifact_path)))
-
-    def log_dict(self, data: dict, name: str) -> None:
-        self._queue(("call", self.client.log_dict, (self.run_id, data, name)))
 
     def close(self, status: str = "FINISHED") -> None:
         """Send what is buffered (waiting up to flush_timeout_s), then set the final status."""

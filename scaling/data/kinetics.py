@@ -26,14 +26,32 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-DATASETS = (400, 600, 700)
-NUM_K710 = 710
+from scaling.errors import UserError
+from scaling.label_space import (  # noqa: F401  (re-exported: the label tools' names)
+    DATASETS,
+    NUM_K710,
+    _check_target,
+    _index_map,
+    _shipped,
+    head_710_to,
+    index_map,
+    load_class_list,
+    load_k710_classes,
+    load_renames,
+)
+
 # Which copy of a video wins when several train (or val) sets hold it: the newest release,
 # whose annotations were re-checked last.
 PRIORITY = (700, 600, 400)
 SOURCE_FILES = tuple(f"classes_k{n}.txt" for n in DATASETS) + ("renamed_classes.json",)
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 OUT_COLUMNS = ("youtube_id", "time_start", "time_end", "label", "label_index", "source")
+
+
+class AnnotationError(UserError, ValueError):
+    """An annotation file without the needed columns, or none given."""
+
+
 MAX_LISTED_CONFLICTS = 1000  # the count is always exact; the listing only serves audits
 
 
@@ -81,64 +99,6 @@ def _write_label_outputs(dst: Path, k710: list[str], lists: dict[int, list[str]]
         (dst / f"k710_to_k{n}.json").write_text(json.dumps(build_index_map(k710, lists[n])) + "\n")
 
 
-# ---------------------------------------------------------------- label space (shipped files)
-
-
-def _shipped(name: str):
-    return files("scaling.data").joinpath("kinetics_labels", name)
-
-
-def _check_target(target: int) -> int:
-    if target not in DATASETS:
-        raise ValueError(f"target must be one of {DATASETS}, got {target!r}")
-    return target
-
-
-@lru_cache(maxsize=None)
-def _k710() -> tuple[str, ...]:
-    return tuple(_shipped("k710_classes.txt").read_text(encoding="utf-8").splitlines())
-
-
-@lru_cache(maxsize=None)
-def _class_list(target: int) -> tuple[str, ...]:
-    return tuple(_shipped(f"classes_k{_check_target(target)}.txt").read_text(encoding="utf-8").splitlines())
-
-
-@lru_cache(maxsize=None)
-def _index_map(target: int) -> tuple[int, ...]:
-    return tuple(json.loads(_shipped(f"k710_to_k{_check_target(target)}.json").read_text()))
-
-
-def load_k710_classes() -> list[str]:
-    return list(_k710())
-
-
-def load_class_list(target: int) -> list[str]:
-    """K400/K600/K700 class names (current spellings) in that dataset's own order."""
-    return list(_class_list(target))
-
-
-def load_renames() -> dict[str, str]:
-    """Older spelling -> current class name."""
-    return json.loads(_shipped("renamed_classes.json").read_text(encoding="utf-8"))
-
-
-def index_map(target: int) -> list[int]:
-    """`idx[i]` = 710 index of class i of K`target`; `head_target = head_710[idx]`."""
-    return list(_index_map(target))
-
-
-def head_710_to(target: int, weight, bias=None):
-    """Rows of a 710-way Linear (weight [710, D], bias [710] or None) for a K`target` head."""
-    import torch  # here, so the label tools do not pay for importing torch
-
-    if weight.shape[0] != NUM_K710:
-        raise ValueError(f"expected a {NUM_K710}-row head weight, got shape {tuple(weight.shape)}")
-    idx = torch.tensor(index_map(target), dtype=torch.long, device=weight.device)
-    # index_select copies, so the new head does not share storage with the 710-way one.
-    return weight.index_select(0, idx), None if bias is None else bias.index_select(0, idx)
-
-
 def harmonize(label: str, classes, renames: dict[str, str]) -> str | None:
     """Current name of `label`, or None when it is no Kinetics-710 class under any spelling."""
     if label in classes:  # a current name wins over the rename table (see module docstring)
@@ -165,7 +125,7 @@ def _read_rows(path: Path, flag: str):
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
-            raise ValueError(
+            raise AnnotationError(
                 f"{flag} {path}: missing column(s) {', '.join(missing)}; "
                 "expected a header like label,youtube_id,time_start,time_end,split"
             )
@@ -235,7 +195,7 @@ def merge_annotations(out_dir, *, k400_train=None, k400_val=None, k600_train=Non
                  k600_val=k600_val, k700_train=k700_train, k700_val=k700_val)
     given = {k: Path(v) for k, v in given.items() if v is not None}
     if not given:
-        raise ValueError("no annotation file given: pass at least one of --k400-train ... --k700-val")
+        raise AnnotationError("no annotation file given: pass at least one of --k400-train ... --k700-val")
     for key, path in given.items():  # all up front, so nothing is half-written
         if not path.is_file():
             raise FileNotFoundError(f"--{key.replace('_', '-')}: annotation file not found: {path}")

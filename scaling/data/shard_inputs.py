@@ -15,6 +15,8 @@ Relative paths are relative to the list's folder, or to `video_root` when given.
 """
 from __future__ import annotations
 
+from scaling.errors import UserError
+
 import csv
 import io
 import json
@@ -25,7 +27,7 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end", "label_index")
 
 
-class ShardInputError(ValueError):
+class ShardInputError(UserError, ValueError):
     """A user-fixable problem with the input list, the class map or the options."""
 
 

@@ -114,16 +114,8 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     return buf.getvalue()
 
 
-def write_synthetic_shards(
-    out_dir,
-    num_videos,
-    videos_per_shard=8,
-    num_frames=40,
-    height=96,
-    width=128,
-    fps=10,
-    seed=0,
-) -> list[str]:
+def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=40, height=96, width=128, fps=10,
+                           seed=0) -> list[str]:
     """Write `num_videos` synthetic clips into webdataset shards `{out_dir}/synth-%06d.tar`.
 
     Each sample is `{"__key__": "%08d", "mp4": bytes, "json": {"label", "source", "num_frames",

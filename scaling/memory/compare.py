@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
-from scaling.masking import ENCODER_MASKS, finetune_drop_mask, make_masks, running_cell_maps
+from scaling.masking import MASKINGS, finetune_drop_mask, make_masks, mask_names, running_cell_maps
 from scaling.memory.counting import SavedTensors, count_flops, cuda_peak_bytes, meta_counting, step_flops, time_step
 from scaling.models.classify import HEADS, VideoClassifier, build_classifier
 from scaling.models.pretrain import VideoMAEPretrain, build_pretrain_model
@@ -37,7 +38,7 @@ VARIANTS = {
 }
 MAR_PREFIX = "mar"  # fine-tune variants with MAR's drop mask: "mar50_linear", "mar50_bridging"
 
-# REFERENCE.md "Measured compute": forward multiply-accumulates per clip of the public code,
+# The published compute of VideoMAE V2 (paper and public code): forward multiply-accumulates per clip of the public code,
 # 16 frames at 224 px, tube 0.9 + running cell 0.5.
 REFERENCE_MACS = {
     "vit_b": {"dual": {"total": 25.84e9, "decoder": 9.88e9}, "encoder_only": {"total": 35.44e9, "decoder": 19.48e9}},
@@ -88,31 +89,44 @@ def describe(variant: str, spec: CompareSpec) -> str:
             f"encoder (patch embedding still runs on all), {head} head, cross-entropy{rec}")
 
 
+class CompareError(UserError, ValueError):
+    """A bad size, ratio or shape for `scaling memory compare`: one sentence naming the fix."""
+
+
 def validate(spec: CompareSpec) -> None:
-    """Raise ValueError with one sentence naming the bad setting and the fix."""
+    """Raise CompareError with one sentence naming the bad setting and the fix."""
+    try:
+        _check(spec)
+    except CompareError:
+        raise
+    except ValueError as e:  # get_size, running_cell_maps: already one sentence
+        raise CompareError(str(e)) from None
+
+
+def _check(spec: CompareSpec) -> None:
     size = get_size(spec.model)
     grid = num_tokens(size, spec.frames, spec.input_size)
     if spec.batch < 1:
-        raise ValueError(f"--batch {spec.batch} must be at least 1")
-    if spec.encoder_mask not in ENCODER_MASKS:
-        raise ValueError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(ENCODER_MASKS)}")
+        raise CompareError(f"--batch {spec.batch} must be at least 1")
+    if spec.encoder_mask not in mask_names("encoder"):
+        raise CompareError(f"unknown encoder mask '{spec.encoder_mask}': choose one of {', '.join(mask_names('encoder'))}")
     hidden = int(spec.encoder_ratio * grid[1] * grid[2])  # per slot for tube; a lower bound for random
     if not 0 < spec.encoder_ratio < 1 or hidden == 0 or hidden == grid[1] * grid[2]:
-        raise ValueError(f"--encoder-ratio {spec.encoder_ratio} must hide some but not all tokens; use a value in (0, 1) such as 0.9")
+        raise CompareError(f"--encoder-ratio {spec.encoder_ratio} must hide some but not all tokens; use a value in (0, 1) such as 0.9")
     if not 0 < spec.decoder_ratio < 1:
-        raise ValueError(f"--decoder-ratio {spec.decoder_ratio} must be in (0, 1); the running cell takes 0.25, 0.5 or 0.75")
+        raise CompareError(f"--decoder-ratio {spec.decoder_ratio} must be in (0, 1); the running cell takes 0.25, 0.5 or 0.75")
     running_cell_maps(grid, spec.decoder_ratio)  # raises for odd grids and ratios with no cell pattern
     if spec.finetune:
         bad = [h for h in spec.finetune_heads if h not in HEADS]
         if bad or not spec.finetune_heads:
-            raise ValueError(f"--finetune-heads {','.join(spec.finetune_heads)}: choose from {', '.join(HEADS)}")
+            raise CompareError(f"--finetune-heads {','.join(spec.finetune_heads)}: choose from {', '.join(HEADS)}")
         if not 0 < spec.finetune_ratio < 1:
-            raise ValueError(f"--finetune-ratio {spec.finetune_ratio} must be in (0, 1); MAR drops 0.5")
+            raise CompareError(f"--finetune-ratio {spec.finetune_ratio} must be in (0, 1); MAR drops 0.5")
         running_cell_maps(grid, spec.finetune_ratio)
         if spec.finetune_reconstruction < 0:
-            raise ValueError(f"--finetune-reconstruction {spec.finetune_reconstruction} must be at least 0")
+            raise CompareError(f"--finetune-reconstruction {spec.finetune_reconstruction} must be at least 0")
     if spec.repeats < 1 or spec.warmup < 0:
-        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+        raise CompareError("--repeats must be at least 1 and --warmup at least 0")
 
 
 def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
@@ -138,7 +152,7 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
     model.train()
     g = torch.Generator().manual_seed(spec.seed)
     if variant == "unmasked" or mar:
-        from scaling.train.finetune import finetune_loss  # the training loop's loss; imports DeepSpeed, so only here
+        from scaling.losses import finetune_loss  # the training loop's loss
 
         labels = torch.zeros(spec.batch, dtype=torch.long, device=device)
         n = model.grid[0] * model.grid[1] * model.grid[2]
@@ -156,7 +170,7 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
         decoded = n if weight else 0  # the reconstruction decoder runs on kept + dropped tokens
         return model, finetune_forward, {"encoder": n - dropped, "decoder": decoded, "predicted": dropped if weight else 0}
 
-    decoder = {"dual": "running_cell", "encoder_only": "none"}[variant]
+    decoder = MASKINGS[variant]
     enc, dec = make_masks(spec.batch, model.grid, spec.encoder_mask, spec.encoder_ratio, decoder, spec.decoder_ratio, g)
     visible, predicted = int((~enc[0]).sum()), int(dec[0].sum())
     if real:
@@ -219,7 +233,7 @@ def count_variant(variant: str, spec: CompareSpec, device: str = "meta") -> dict
         model.set_grad_checkpointing(checkpointing)
         saved = SavedTensors(exclude=[*model.parameters(), *model.buffers()])
 
-        def forward_saving() -> torch.Tensor:
+        def forward_saving(saved=saved, forward=forward) -> torch.Tensor:
             with saved:  # only the forward: what backward will need
                 return forward()
 
@@ -251,7 +265,7 @@ def time_variant(variant: str, spec: CompareSpec, device: torch.device, checkpoi
     timing = time_step(step, repeats=spec.repeats, warmup=spec.warmup)
     model.zero_grad(set_to_none=True)
     peak = cuda_peak_bytes(step)
-    del model, forward
+    model = forward = None  # free this variant's weights before the next one
     gc.collect()
     return {"median_s": timing["median_s"], "times_s": timing["times_s"], "peak_cuda_bytes": peak}
 
@@ -266,7 +280,7 @@ def timing_skip_reason(spec: CompareSpec, device: torch.device, params: int) -> 
 
 
 def reference_check(spec: CompareSpec, variants: dict) -> dict | None:
-    """Our forward MACs per clip against REFERENCE.md, where the setting is the reference's."""
+    """Our forward MACs per clip against the published numbers, where the setting is the reference's."""
     ref = REFERENCE_MACS.get(spec.model)
     same = (spec.frames, spec.input_size, spec.encoder_mask, spec.encoder_ratio, spec.decoder_ratio) == (16, 224, "tube", 0.9, 0.5)
     if not ref or not same:

@@ -90,11 +90,6 @@ def _difference(after: dict, before: dict) -> dict:
     }
 
 
-def module_flops(summary: dict, path: str) -> int:
-    """FLOPs under one module path of a `flop_summary` (0 when it ran no counted op)."""
-    return summary["modules"].get(path, 0)
-
-
 def _storage_key(t: torch.Tensor) -> int:
     # The address of the StorageImpl: shared by every view of one tensor, and unlike
     # data_ptr it is distinct for meta tensors (which all have data_ptr 0).

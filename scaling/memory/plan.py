@@ -23,28 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
+from scaling.errors import UserError
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
-from scaling.masking import make_masks, running_cell_maps
+from scaling.masking import MASKINGS, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
 from scaling.models.pretrain import VideoMAEPretrain
 from scaling.models.vit import Block, ViTSize, get_size, num_tokens
+from scaling.precision import DTYPES
 
 GiB = 2**30
-MASKINGS = {"dual": "running_cell", "encoder_only": "none"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 OFFLOAD = ("none", "cpu", "nvme")
 # DeepSpeed's defaults for the ZeRO settings the extras depend on (deepspeed/runtime/zero/config.py).
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
                  "contiguous_gradients": True, "sub_group_size": 1e9, "buffer_count": 4}
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A setting the user can fix; the message is one sentence naming it and the fix."""
 
 
@@ -122,7 +122,7 @@ def zero_settings(ds_config: str) -> dict:
 
 # ---------------------------------------------------------------- parameters and model states
 
-@lru_cache(maxsize=None)
+@cache
 def param_counts(model: str, frames: int = 16, input_size: int = 224) -> dict:
     """Total parameters and the largest layer (most parameters held directly by one module),
     as DeepSpeed's `model_to_params` counts them; built on meta, so free for any size."""
@@ -205,7 +205,8 @@ def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
         out.append({"name": name, "bytes": int(nbytes), "where": where, "why": why})
 
     if stage == 1:
-        add(f"unpartitioned {spec.precision} gradients", b["grad"] * total - (0 if spec.offload_optimizer != "none" else b["grad"] * total // G),
+        add(f"unpartitioned {spec.precision} gradients",
+            b["grad"] * total - (0 if spec.offload_optimizer != "none" else b["grad"] * total // G),
             "gpu", "ZeRO-1 keeps every gradient until the reduce; DeepSpeed's one ZeRO-1/2 estimate partitions them")
     if stage == 3:
         if spec.offload_optimizer == "none":
@@ -295,7 +296,7 @@ def _block_saved_bytes(width: int, heads: int, mlp_ratio: float, tokens: int, pr
     return saved.bytes
 
 
-@lru_cache(maxsize=None)
+@cache
 def activation_profile(model: str | ViTSize, masking: str, precision: str, device: str = "gpu", frames: int = 16,
                        input_size: int = 224, encoder_ratio: float = 0.9, decoder_ratio: float = 0.5) -> dict:
     """Activation bytes per clip of one set-up, with and without activation checkpointing.
@@ -442,49 +443,3 @@ def table(result: dict) -> str:
         lines.append(f"\nat {a['clips']} clips per GPU: peak {a['peak'] / GiB:.2f} GiB + reserve -> "
                      f"{'fits' if a['fits'] else 'does NOT fit'} in {s['gpu_memory_gb']:g} GiB")
     return "\n".join(lines)
-
-
-def cmd_memory_plan(args) -> int:
-    spec = PlanSpec(
-        model=args.model, masking=args.masking, checkpointing=not args.no_checkpointing, precision=args.precision,
-        zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-        gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb, frames=args.frames,
-        input_size=args.input_size, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
-        reserve_gb=args.reserve_gb, device=args.device, ds_config=args.ds_config, micro_batch=args.micro_batch,
-    )
-    try:
-        result = plan(spec)
-    except PlanError as e:
-        print(f"scaling memory plan: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1) if args.json else table(result))
-    return 0
-
-
-def add_plan_parser(sub) -> None:
-    s = sub.add_parser(
-        "plan", help="will a size fit: model states per GPU (vs DeepSpeed's estimator), activations, largest micro-batch",
-        description="Per-GPU memory of ZeRO pre-training: model states with DeepSpeed's estimator assumptions (and its "
-        "own number beside), what that estimate leaves out, activation bytes per clip counted on the real model, and "
-        "the largest micro-batch (clips per GPU) that fits, for dual and encoder-only masking with and without "
-        "activation checkpointing.")
-    s.add_argument("--model", default="vit_g", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
-    s.add_argument("--masking", default="dual", help="dual (VideoMAE V2) or encoder_only (VideoMAE); marks a row")
-    s.add_argument("--no-checkpointing", action="store_true", help="mark the row without activation checkpointing")
-    s.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32")
-    s.add_argument("--zero-stage", type=int, default=3, help="1, 2 or 3")
-    s.add_argument("--offload-optimizer", default="none", help="none, cpu or nvme (nvme: stage 3)")
-    s.add_argument("--offload-params", default="none", help="none, cpu or nvme (stage 3, with optimizer offload)")
-    s.add_argument("--gpus-per-node", type=int, default=8)
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB")
-    s.add_argument("--frames", type=int, default=16)
-    s.add_argument("--input-size", type=int, default=224)
-    s.add_argument("--encoder-ratio", type=float, default=0.9)
-    s.add_argument("--decoder-ratio", type=float, default=0.5)
-    s.add_argument("--reserve-gb", type=float, default=2.0, help="per-GPU slack for the CUDA context and allocator (a guess)")
-    s.add_argument("--device", default="gpu", help="gpu, or cpu: plan for CPU ranks like this box's (attention in fp32, RAM)")
-    s.add_argument("--ds-config", default="ds_configs/zero3_bf16.json", help="DeepSpeed JSON whose bucket and reuse settings apply")
-    s.add_argument("--micro-batch", type=int, default=0, help="also show the peak at this many clips per GPU")
-    s.add_argument("--json", action="store_true", help="print the whole plan as JSON instead of the table")
-    s.set_defaults(func=cmd_memory_plan)

@@ -25,17 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scaling.models import vit
 from scaling.models.pretrain import VideoMAEDecoder, gather_tokens, positions_of
-from scaling.models.vit import (
-    Block,
-    ViTSize,
-    add_video_trunk,
-    get_size,
-    init_vit_weights,
-    layer_id_for,
-    run_blocks,
-    sincos_position_table,
-)
 
 HEADS = ("linear", "bridging")
 
@@ -66,12 +57,12 @@ class BridgingBlocks(nn.Module):
     def __init__(self, in_width: int, shape: BridgingShape = BRIDGING):
         super().__init__()
         self.proj = nn.Linear(in_width, shape.width, bias=False)
-        self.blocks = nn.ModuleList(Block(shape.width, shape.heads, shape.mlp_ratio) for _ in range(shape.depth))
+        self.blocks = nn.ModuleList(vit.Block(shape.width, shape.heads, shape.mlp_ratio) for _ in range(shape.depth))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, N, 512)
-        return run_blocks(self.blocks, x, self.grad_checkpointing)
+        return vit.run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 class ReconstructionBranch(nn.Module):
@@ -85,14 +76,14 @@ class ReconstructionBranch(nn.Module):
     and never uses it, but the decoder was trained on normalized tokens), then
     `encoder_to_decoder`, `mask_token` and `decoder`."""
 
-    def __init__(self, size: ViTSize, num_tokens: int):
+    def __init__(self, size: vit.ViTSize, num_tokens: int):
         super().__init__()
         self.norm = nn.LayerNorm(size.width, eps=1e-6)
         self.encoder_to_decoder = nn.Linear(size.width, size.decoder_width, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, size.decoder_width))
-        self.register_buffer("decoder_pos_embed", sincos_position_table(num_tokens, size.decoder_width), persistent=False)
+        self.register_buffer("decoder_pos_embed", vit.sincos_position_table(num_tokens, size.decoder_width), persistent=False)
         self.decoder = VideoMAEDecoder(size)
-        self.apply(init_vit_weights)  # as a fresh pre-training model, for when no decoder is loaded
+        self.apply(vit.init_vit_weights)  # as a fresh pre-training model, for when no decoder is loaded
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, kept_index: torch.Tensor, dropped_index: torch.Tensor) -> torch.Tensor:
@@ -110,7 +101,7 @@ class VideoClassifier(nn.Module):
 
     def __init__(
         self,
-        size: ViTSize,
+        size: vit.ViTSize,
         num_classes: int,
         num_frames: int = 16,
         image_size: int = 224,
@@ -128,7 +119,7 @@ class VideoClassifier(nn.Module):
         self.size = size
         self.num_classes = num_classes
         self.head_kind = head
-        add_video_trunk(self, size, num_frames, image_size, drop_path, in_chans)
+        vit.add_video_trunk(self, size, num_frames, image_size, drop_path, in_chans)
         self.bridge = BridgingBlocks(size.width, bridging) if head == "bridging" else None
         head_width = bridging.width if head == "bridging" else size.width
         if head_drop is None:  # each head's published default
@@ -174,7 +165,7 @@ class VideoClassifier(nn.Module):
     def layer_id(self, name: str) -> int:
         """patch_embed 0, block i -> i + 1; everything after the encoder (fc_norm, head, the
         bridging blocks, the reconstruction branch) depth + 1, the head's full lr."""
-        return layer_id_for(name, self.size.depth)
+        return vit.layer_id_for(name, self.size.depth)
 
     def encode(self, video: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's tokens, (B, N_keep, D); all N tokens when `kept_index` is None."""
@@ -182,7 +173,7 @@ class VideoClassifier(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         if kept_index is not None:
             x = gather_tokens(x, kept_index)  # (B, N_keep, D): the encoder never sees dropped tokens
-        return run_blocks(self.blocks, x, self.grad_checkpointing)
+        return vit.run_blocks(self.blocks, x, self.grad_checkpointing)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoder tokens (B, N_keep, D) -> pooled features before `fc_norm`: (B, D) or (B, 512)."""
@@ -219,4 +210,4 @@ def build_classifier(
     """Registry entry point: `build_classifier("vit_g", 710, drop_path=0.3)`; `kwargs` go to
     VideoClassifier (`head`, `reconstruction`, `head_drop`, `init_scale`, `bridging`)."""
     kwargs.setdefault("bridging", BRIDGING_FOR_SIZE.get(name, BRIDGING))
-    return VideoClassifier(get_size(name), num_classes, num_frames, image_size, drop_path, **kwargs)
+    return VideoClassifier(vit.get_size(name), num_classes, num_frames, image_size, drop_path, **kwargs)

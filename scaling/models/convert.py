@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling.data.kinetics import NUM_K710, head_710_to
+from scaling.errors import UserError
+from scaling.label_space import NUM_K710, head_710_to
 from scaling.models.vit import ViTSize, num_tokens, sincos_position_table
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "backbone.")  # torch.compile, DDP/DeepSpeed, mmaction
@@ -61,14 +62,14 @@ DECODER_RENAMES = {"encoder.norm.": "norm.", "encoder_to_decoder.": "encoder_to_
 LISTED = 10  # keys named per kind in a mismatch message
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
 # ---------------------------------------------------------------- files and key clean-up
 
 
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(UserError, ValueError):
     """A checkpoint holds Python objects that unpickling would run; refused unless trusted."""
 
 

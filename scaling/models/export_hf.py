@@ -18,7 +18,7 @@ Layout facts the mapping relies on (transformers' `modeling_videomae`):
   checkpoint carries it (as ours);
 - `layer_norm_eps` applies to every block's norms and `layernorm`; `fc_norm` is built with
   PyTorch's default eps 1e-5 whatever the config says (ours: 1e-6). That is the one
-  difference between the two models' outputs (tests/test_export_hf.py measures it).
+  difference between the two models' outputs (tests/integration/test_export_hf.py measures it).
 This module knows nothing of DeepSpeed or MLflow (DESIGN rule 1).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from scaling.errors import UserError
 from scaling.models.vit import ViTSize, get_size
 
 # Our block-relative module names -> transformers' under `encoder.layer.<i>.` (each with
@@ -41,7 +42,7 @@ BLOCK_MODULES = {
 }
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError, ValueError):
     """A model that the asked format cannot represent; the message says why and what to do."""
 
 

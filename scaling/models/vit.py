@@ -36,7 +36,7 @@ class ViTSize:
         return self.mlp_hidden / self.width
 
 
-# Sizes from REFERENCE.md. The decoder reuses the encoder's MLP ratio, as the public ViT-g
+# Sizes from the VideoMAE V2 paper and its public code. The decoder reuses the encoder's MLP ratio, as the public ViT-g
 # pre-training model does (48/11 -> 2234 hidden at width 512); that is what makes its decoder
 # 13.97 M parameters.
 VIT_SIZES: dict[str, ViTSize] = {

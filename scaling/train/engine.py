@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
+
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
 from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
     clips_per_step,
@@ -50,14 +51,13 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No decay on biases, norms (all 1-D tensors) and the model's `no_weight_decay()` names."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    from scaling.train.param_groups import no_decay_names, skips_decay
+
+    skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Under zero.Init a partitioned parameter's .shape is empty; ds_shape keeps the true one.
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (no_decay if ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        if p.requires_grad:
+            (no_decay if skips_decay(name, p, skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -91,6 +91,3 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     return engine, scheduler
 
 
-def input_dtype(precision: str) -> torch.dtype:
-    """DeepSpeed casts the model itself to bf16/fp16; inputs must be cast to match."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

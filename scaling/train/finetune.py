@@ -22,19 +22,18 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from scaling.config import RunConfig, data_sources, micro_batch
-from scaling.data.finetune import build_finetune_loader
+from scaling.data.finite import build_finetune_loader
 from scaling.evaluate import evaluate
-from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+from scaling.losses import finetune_loss
 from scaling.masking import finetune_drop_mask
 from scaling.models.classify import VideoClassifier, build_classifier
+from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
-from scaling.train import checkpoint
-from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr, run_steps
+from scaling.train import run  # the run skeleton shared with pre-training
+from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr, run_steps
+from scaling.train.guard import DivergenceGuard
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
-from scaling.train.guard import DivergenceGuard
-from scaling.train.pretrain import log_step, step_seed, stop_if_diverged, summed
-from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
 
@@ -86,35 +85,17 @@ def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, r
     k = cfg.mask
     if k.finetune == "none":
         return None
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
+    g = torch.Generator().manual_seed(run.step_seed(cfg.train.seed, step, micro))
     mask = finetune_drop_mask(k.finetune, rows * world, grid, k.finetune_ratio, train=True, generator=g)
     return mask[rank * rows:(rank + 1) * rows]
-
-
-def finetune_loss(model, video: torch.Tensor, target: torch.Tensor, criterion, drop_mask: torch.Tensor | None = None,
-                  reconstruction_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss and its parts: the criterion on the logits, plus MAR's weighted
-    MSE on the normalized pixels of the dropped tokens. `model` is a VideoClassifier or the
-    DeepSpeed engine around one; `video` (B, 3, T, H, W) already in the model's dtype."""
-    if reconstruction_weight <= 0:
-        loss = criterion(model(video, drop_mask).float(), target)
-        return loss, {"loss_cls": loss.detach()}
-    logits, pred = model(video, drop_mask, reconstruct=True)  # pred (B, N_drop, 2*p*p*3)
-    size = getattr(model, "module", model).size
-    # The target is the clip the encoder was given (after mixup/cutmix and erasing), as in MAR.
-    pixels = normalized_pixel_target(video, size.patch, size.tubelet)  # (B, N, 2*p*p*3)
-    rec = masked_reconstruction_loss(pred, pixels, drop_mask, drop_mask)  # every dropped token counts
-    cls = criterion(logits.float(), target)
-    return cls + reconstruction_weight * rec, {"loss_cls": cls.detach(), "loss_rec": rec.detach()}
 
 
 @closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED
 def run_finetune(cfg: RunConfig) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
-    rank, world = init_ranks()
+    rank, world = run.init_ranks()
     out = Path(cfg.train.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ds_config, resume_tag = ds_config_for(cfg, rank, world)
+    ds_config, resume_tag = run.ds_config_for(cfg, rank, world)
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)
@@ -125,7 +106,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
         fresh = load_initial_weights(model, f.init_from, f.trust_checkpoint)
         if model.reconstruction is not None and rank == 0:
-            source = "its init (no decoder in that checkpoint)" if any(k.startswith("reconstruction.") for k in fresh) else "that checkpoint's decoder"
+            no_decoder = any(k.startswith("reconstruction.") for k in fresh)
+            source = "its init (no decoder in that checkpoint)" if no_decoder else "that checkpoint's decoder"
             print(f"[scaling] reconstruction branch starts from {source}", flush=True)
 
     loader = train_loader_for(cfg, rank, world)
@@ -137,14 +119,15 @@ def run_finetune(cfg: RunConfig) -> dict:
     groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
 
-    state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
+    state, tracker = run.resume_and_track(engine, scheduler, cfg, rank, ds_config, {
         "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
         mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
               (f" + reconstruction x {f.reconstruction_weight:g}" if f.reconstruction_weight > 0 else "")
         print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
-              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, {steps_per_epoch} steps/epoch, {total} steps", flush=True)
+              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, "
+              f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     mixup, criterion = criterion_for(cfg)
     batches = batches_from(loader, start, steps_per_epoch, t.grad_accum)
@@ -154,8 +137,8 @@ def run_finetune(cfg: RunConfig) -> dict:
     guard = DivergenceGuard(t.max_nonfinite_steps, t.precision, start)
     for step in range(start, end):
         t0 = time.perf_counter()
-        torch.manual_seed(step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
-        np.random.seed(step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
+        torch.manual_seed(run.step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
+        np.random.seed(run.step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
         # Layer decay lives in each group's lr (peak x lr_scale); the schedule scales all alike.
         lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
         lr_lowest = min(g["lr"] for g in scheduler.optimizer.param_groups)
@@ -181,20 +164,16 @@ def run_finetune(cfg: RunConfig) -> dict:
             losses = {}  # loss_cls is the loss itself
         seconds = time.perf_counter() - t0
         logging = (step + 1) % t.log_every == 0
-        counters = summed(loader.stats) if logging else {}
+        counters = run.summed(loader.stats) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+            run.log_step(tracker, out, step + 1, total, {
+                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest,
+                "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
-        stop_if_diverged(guard, tracker, out, rank)
-        stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
-        if ((step + 1) % t.save_every == 0 and finite) or step + 1 == end or stopping:
-            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "epoch": (step + 1) // steps_per_epoch,
-                                                         "mlflow_run_id": tracker.run_id, "seed": t.seed}, t.keep_checkpoints, step_loss)
-        if stopping and step + 1 < end:
-            stop.record(step + 1)
+        state = run.client_state(step + 1, tracker, t.seed, epoch=(step + 1) // steps_per_epoch)
+        if run.end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
             end = step + 1
             break
 
@@ -208,7 +187,5 @@ def run_finetune(cfg: RunConfig) -> dict:
             tracker.log_artifact(str(out / "eval.json"))
             print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
                   f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
-    if rank == 0:
-        tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
-    dist.barrier()
+    run.close_run(tracker, stop, rank)
     return results

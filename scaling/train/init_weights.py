@@ -14,8 +14,8 @@ from scaling.models.convert import FRESH_PREFIXES, check_fit, encoder_weights_fo
 
 # Parts a classifier may start fresh: the head (linear or bridging) of a new label space or
 # head type, fc_norm when coming from a pre-training checkpoint (whose final `norm` is not
-# carried over), and MAR's reconstruction branch when the checkpoint holds no decoder.
-FRESH = FRESH_PREFIXES
+# carried over), and MAR's reconstruction branch when the checkpoint holds no decoder:
+# FRESH_PREFIXES (scaling/models/convert.py).
 
 
 def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> list[str]:
@@ -26,7 +26,7 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> li
     return load_gathered(model, encoder_weights_for_classifier(load_checkpoint_file(path, trust), model))
 
 
-def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = FRESH) -> list[str]:
+def load_gathered(model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = FRESH_PREFIXES) -> list[str]:
     """Copy a full state dict into a model whose parameters may be ZeRO-3 partitions; returns
     the keys `state` lacks.
 

@@ -18,7 +18,12 @@ from __future__ import annotations
 from torch import nn
 
 
-def _no_decay(name: str, p, skip: set[str]) -> bool:
+def no_decay_names(model: nn.Module) -> set[str]:
+    return set(getattr(model, "no_weight_decay", lambda: set())())
+
+
+def skips_decay(name: str, p, skip: set[str]) -> bool:
+    """The one no-decay rule: biases, 1-D parameters (norms) and the model's `no_weight_decay()` names."""
     # Under zero.Init a partitioned parameter's .shape is empty; ds_shape keeps the true one.
     ndim = len(getattr(p, "ds_shape", p.shape))
     return ndim <= 1 or name.endswith(".bias") or name in skip
@@ -32,7 +37,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     names. With `layer_decay == 1.0` this is exactly two groups, decay then no-decay, in
     parameter order, as `scaling.train.engine.param_groups` builds them.
     """
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    skip = no_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if layer_decay == 1.0:
         layer_of = {n: 0 for n, _ in named}
@@ -49,7 +54,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
         for no_decay in (False, True):
             groups[(0, no_decay)] = _group(0, no_decay, weight_decay, 1.0, base_lr, plain=True)
     for name, p in named:
-        no_decay = _no_decay(name, p, skip)
+        no_decay = skips_decay(name, p, skip)
         layer = layer_of[name]
         key = (layer, no_decay)
         if key not in groups:

@@ -6,8 +6,6 @@ so a run resumed from a checkpoint sees the same clips and masks as an uninterru
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -19,16 +17,22 @@ from scaling.data.transforms import normalize_video
 from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.models.pretrain import build_pretrain_model
+from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
-from scaling.train import checkpoint
-from scaling.train.engine import build_model, clips_per_step, initialize, input_dtype, peak_lr
-from scaling.train.guard import DivergenceGuard, Diverged
-from scaling.train.run_start import ds_config_for, init_ranks, resume_and_track
+from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr
+from scaling.train.guard import DivergenceGuard
+from scaling.train.run import (
+    client_state,
+    close_run,
+    ds_config_for,
+    end_of_step,
+    init_ranks,
+    log_step,
+    resume_and_track,
+    step_seed,
+    summed,
+)
 from scaling.train.signals import StopRequest
-
-
-def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
-    return hash((seed, step, micro, rank)) & 0x7FFF_FFFF
 
 
 def masks_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, clips_per_rank: int, world: int):
@@ -55,7 +59,7 @@ def make_batches(cfg: RunConfig, rank: int, world: int, start_step: int):
         return noise_batches(seed=cfg.train.seed, rank=rank, clips_per_rank=micro * d.num_sample,
                              grad_accum=cfg.train.grad_accum, num_frames=m.num_frames, input_size=m.input_size,
                              start_step=start_step), dict
-    from scaling.data.loader import build_pretrain_loader
+    from scaling.data.stream import build_pretrain_loader
 
     loader = build_pretrain_loader(
         sources=data_sources(cfg), videos_per_batch=micro, num_frames=m.num_frames, input_size=m.input_size,
@@ -72,7 +76,6 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     """Train until `train.steps` (or `max_steps_this_run` more steps); returns this run's losses."""
     rank, world = init_ranks()
     out = Path(cfg.train.output_dir)
-    ckpt_dir = out / "checkpoints"
     ds_config, resume_tag = ds_config_for(cfg, rank, world)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
@@ -122,65 +125,16 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
         counters = summed(data_stats()) if logging else {}
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
+            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds,
+                       "clips_per_s": clips_per_step(cfg) / seconds,
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
             log_step(tracker, out, step + 1, cfg.train.steps, metrics)
-        stop_if_diverged(guard, tracker, out, rank)
-        stopping = stop.agreed()  # preemption notice or wall-time guard on any rank
-        if ((step + 1) % cfg.train.save_every == 0 and finite) or step + 1 == end or stopping:
-            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "mlflow_run_id": tracker.run_id,
-                                                         "epoch": epoch_of(cfg, step + 1),
-                                                         "micro_batches_consumed": (step + 1) * cfg.train.grad_accum,
-                                                         "seed": cfg.train.seed}, cfg.train.keep_checkpoints, step_loss)
-        if stopping and step + 1 < end:
-            stop.record(step + 1)
+        state = client_state(step + 1, tracker, cfg.train.seed, epoch=epoch_of(cfg, step + 1),
+                             micro_batches_consumed=(step + 1) * cfg.train.grad_accum)
+        if end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
             break
-    if rank == 0:
-        tracker.close("KILLED" if stop.stopped_at else "FINISHED")  # a resumed run reopens it
-    dist.barrier()
+    close_run(tracker, stop, rank)
     return losses
 
 
-def stop_if_diverged(guard: DivergenceGuard, tracker, out: Path, rank: int) -> None:
-    """End a diverged run, marked FAILED (MLflow, <output_dir>/FAILED), before it saves again."""
-    try:
-        guard.raise_if_diverged()
-    except Diverged as e:
-        if rank == 0:
-            print(f"[scaling] error: {e}", flush=True)
-            checkpoint.record_failure(out, str(e))
-            tracker.close("FAILED")
-        dist.barrier()  # no rank ends before rank 0 has recorded it (the launcher stops the rest when one ends)
-        raise
-
-
-def log_step(tracker, out: Path, step: int, total: int, metrics: dict) -> None:
-    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console line."""
-    tracker.log_metrics(metrics, step=step)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    print(f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-          f"{metrics['step_time_s']:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
-
-
-def summed(counters: dict) -> dict:
-    """Sum a dict of counters over ranks (every rank must call it, with the same keys)."""
-    keys = sorted(counters)
-    if not keys:
-        return {}
-    values = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
-
-
-def local_env_for_single_process() -> None:
-    """A 1-rank run started without a launcher still needs a process group."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        from scaling.launch import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())

@@ -67,42 +67,42 @@ def run_length(epochs: int, steps: int, warmup_epochs: int, warmup_steps: int, e
     return total, warmup
 
 
-def videos_per_step(cfg: "RunConfig") -> int:
+def videos_per_step(cfg: RunConfig) -> int:
     """Videos per optimizer step over all ranks (`train.global_batch`)."""
     return cfg.train.global_batch
 
 
-def clips_per_step(cfg: "RunConfig") -> int:
+def clips_per_step(cfg: RunConfig) -> int:
     """Clips per optimizer step: each video gives `data.num_sample` clips (repeated augmentation)."""
     return cfg.train.global_batch * cfg.data.num_sample
 
 
-def lr_scaled(cfg: "RunConfig", lr_arg: float) -> float:
+def lr_scaled(cfg: RunConfig, lr_arg: float) -> float:
     """VideoMAE V2's linear scaling rule: lr = lr_arg x videos per step / 256. Repeated
     augmentation is NOT counted (a batch of 32 videos x 4 clips scales by 32, not 128), as in the
     reference's `args.lr * total_batch_size / 256`."""
     return lr_arg * videos_per_step(cfg) / 256
 
 
-def peak_lr(cfg: "RunConfig") -> float:
+def peak_lr(cfg: RunConfig) -> float:
     return lr_scaled(cfg, cfg.optim.base_lr)
 
 
-def min_lr(cfg: "RunConfig") -> float:
+def min_lr(cfg: RunConfig) -> float:
     return lr_scaled(cfg, cfg.optim.min_lr)
 
 
-def warmup_lr(cfg: "RunConfig") -> float:
+def warmup_lr(cfg: RunConfig) -> float:
     return lr_scaled(cfg, cfg.optim.warmup_lr)
 
 
-def run_steps(cfg: "RunConfig", epoch_steps: int | None = None) -> tuple[int, int]:
+def run_steps(cfg: RunConfig, epoch_steps: int | None = None) -> tuple[int, int]:
     """(total, warmup) optimizer steps of the run; `epoch_steps` defaults to `train.steps_per_epoch`."""
     t, o = cfg.train, cfg.optim
     epoch_steps = t.steps_per_epoch if epoch_steps is None else epoch_steps
     return run_length(t.epochs, t.steps, o.warmup_epochs, o.warmup_steps, epoch_steps)
 
 
-def lr_of_step(cfg: "RunConfig", step: int, total: int, warmup: int) -> float:
+def lr_of_step(cfg: RunConfig, step: int, total: int, warmup: int) -> float:
     """The top group's lr (layer-decay scale 1) at optimizer step `step`: what the run uses."""
     return lr_at(step, peak_lr(cfg), min_lr(cfg), warmup_lr(cfg), warmup, total)

@@ -1,0 +1,51 @@
+"""`scaling` command line: parse, load config, call one function.
+
+One module per command family (train/export, data, pipeline, memory); `main` is the one place
+that turns a `UserError` (or a missing file) into one sentence on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scaling.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scaling.cli.data import add_labels_parser, add_shard_parser, add_synth_parser
+    from scaling.cli.memory import add_memory_parser
+    from scaling.cli.pipeline import add_pipeline_parser
+    from scaling.cli.train import add_train_parsers
+
+    p = argparse.ArgumentParser(prog="scaling", description="Video foundation models the VideoMAE V2 way, on DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_synth_parser(sub)
+    add_train_parsers(sub)
+    add_labels_parser(sub)
+    add_pipeline_parser(sub)
+    add_memory_parser(sub)
+    add_shard_parser(sub)
+    _name_commands(p)
+    return p
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command parser records its own prog ("scaling memory plan") as the default of
+    `where`; the innermost one parsed wins, so an error names the command that was run."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.set_defaults(where=sp.prog)
+                _name_commands(sp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError) as e:
+        print(f"{args.where}: error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,105 @@
+"""`scaling pipeline run|submit|show|prepare|complete`: a progressive pipeline here or on Slurm."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_run(args) -> int:
+    from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
+    from scaling.train.signals import EXIT_STOPPED
+
+    try:
+        summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
+    except StageStoppedEarly as e:
+        print(f"[pipeline] {e}", flush=True)
+        return EXIT_STOPPED
+    except StageFailed as e:  # the ranks' traceback is in the log the sentence names
+        print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    for name, info in summary.items():
+        print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from scaling.pipeline.slurm import submit_pipeline
+
+    # no Slurm here (SlurmMissing), or sbatch refused a job (SbatchRefused): one sentence, exit 2
+    plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
+    for step in plan:
+        if "finished" in step:
+            print(f"[pipeline] {step['stage']}: finished earlier, not submitted (weights {step['finished']})")
+        elif "job_id" in step:
+            print(f"[pipeline] {step['stage']}: submitted as Slurm job {step['job_id']}")
+        else:
+            print(f"[pipeline] {step['stage']}: would run: " + " ".join(step["sbatch"]))
+    if not any("job_id" in s or "sbatch" in s for s in plan):
+        print("[pipeline] every stage finished earlier; nothing to submit")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """For slurm/launch.sh: prints 'run <stage dir>' or 'done <stage dir>'."""
+    from scaling.pipeline.slurm import prepare_for_job
+
+    state, folder = prepare_for_job(args.pipeline, args.stage, args.overrides)
+    print(state, folder)
+    return 0
+
+
+def cmd_complete(args) -> int:
+    from scaling.pipeline.slurm import complete_for_job
+
+    info = complete_for_job(args.pipeline, args.stage, args.exit_code, args.overrides)
+    if info:
+        print(f"[pipeline] {args.stage}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from scaling.pipeline.show import cmd_show as show
+
+    return show(args)
+
+
+def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("pipeline", help="progressive pipeline: run its stages here, or submit them to Slurm")
+    sub = p.add_subparsers(dest="pipeline_command", required=True)
+
+    def common(s):
+        s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/smoke.yaml")
+        s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1")
+
+    s = sub.add_parser("run", help="run the stages on local ranks, in order (finished stages are skipped, "
+                                   "an interrupted one resumes)")
+    common(s)
+    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
+    s.add_argument("--until", default=None, help="last stage to run")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("submit", help="one Slurm job per unfinished stage, chained with --dependency=afterok",
+                       description="Job shapes come from the pipeline's 'slurm:' section (override with e.g. "
+                                   "slurm.nodes=2 slurm.gpus_per_node=8); see scaling/pipeline/slurm.py.")
+    common(s)
+    s.add_argument("--sbatch", action="append", default=[], metavar="ARG",
+                   help="extra sbatch argument for every job, e.g. --sbatch=--account=vid (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("show", help="each stage's effective values (lr, steps, batch split, sampling, ...); "
+                                    "needs no data on disk and starts no rank")
+    common(s)
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.set_defaults(func=cmd_show)
+
+    for name, func, text in (("prepare", cmd_prepare, "inside a stage's job, before the ranks: write its run config"),
+                             ("complete", cmd_complete, "inside a stage's job, after the ranks: export and record it")):
+        s = sub.add_parser(name, help=f"(used by slurm/launch.sh) {text}")
+        s.add_argument("pipeline")
+        s.add_argument("stage")
+        s.add_argument("overrides", nargs="*")
+        if name == "complete":
+            s.add_argument("--exit-code", type=int, required=True, help="how the ranks ended")
+        s.set_defaults(func=func)
+    return p

@@ -1,0 +1,129 @@
+"""Run a progressive pipeline (pre-train -> post-pre-train -> fine-tune) from one YAML.
+
+The YAML's shape: scaling/pipeline/spec.py.
+
+Each stage trains in `<output_dir>/<stage>/`, exports consolidated fp32 weights to
+`<stage>/export/model_fp32.pt` and records `<stage>/DONE.json`; the next stage starts from
+that export (`init_from: previous`). A re-run skips stages whose DONE.json matches their
+config and starting weights, and resumes an interrupted stage from its last checkpoint. A
+stage whose config or starting weights changed since it was started (a re-run upstream stage
+counts) is moved aside to `<stage>.replaced-<time>/` and starts afresh: resuming would mix
+two runs. MLflow: one parent run per
+pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
+did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
+ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from scaling.pipeline.lineage import Lineage
+from scaling.pipeline.spec import Pipeline, Stage, load_pipeline, select
+from scaling.pipeline.state import complete_stage, finished, resolve, start_stage
+
+
+class StageStoppedEarly(RuntimeError):
+    """A stage saved a checkpoint and stopped before its end (preemption notice, wall-time guard)."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's ranks exited with an error; the message names the stage, the cause and its log."""
+
+
+def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
+    """Run the stages; the parent MLflow run ends FINISHED, KILLED (a stage stopped early,
+    Ctrl-C) or FAILED (a stage failed, anything raised)."""
+    from scaling.tracking import probe_store
+
+    pipe = load_pipeline(path, overrides)
+    todo = select(pipe.stages, start, until)
+    first = pipe.stages[0].config.tracking
+    if first.enabled:
+        probe_store(first.tracking_uri)
+    lineage = Lineage(pipe)
+    try:
+        summary = run_stages(pipe, todo, lineage)
+    except (StageStoppedEarly, KeyboardInterrupt):
+        lineage.close("KILLED")
+        raise
+    except BaseException:
+        lineage.close("FAILED")
+        raise
+    lineage.close("FINISHED")
+    return summary
+
+
+def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
+    from scaling.train.signals import stopped_early
+
+    summary = {}
+    for stage in todo:
+        cfg, fp = resolve(pipe, stage, lineage.parent_id)
+        if finished(stage, fp):
+            print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
+        else:
+            config = start_stage(stage, cfg, fp)
+            print(f"[pipeline] {stage.name}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
+            code = launch_stage(stage, config, pipe.ranks)
+            if code != 0:
+                lineage.fail_stage_run(stage)
+                raise stage_failed(stage, code)
+            early = stopped_early(stage.dir)
+            if early:
+                raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
+                                        "with its checkpoint saved; re-run the same command to resume it")
+            complete_stage(stage, cfg, fp)
+        summary[stage.name] = lineage.record(stage, pipe.previous(stage))
+    return summary
+
+
+LOGS = "logs"
+TORCHRUN_LOG_ENV = {"PET_LOG_DIR": None, "PET_TEE": "3"}  # torchrun's --log-dir and --tee, read from its environment
+
+
+def launch_stage(stage: Stage, config: Path, ranks: int) -> int:
+    """The stage's ranks on this machine; torchrun also writes every rank's output under
+    <stage>/logs/<run>/attempt_<n>/<local rank>/{stdout,stderr}.log, which a failure names."""
+    from scaling.launch import launch_local
+
+    logs = stage.dir / LOGS
+    logs.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in TORCHRUN_LOG_ENV}
+    os.environ.update({k: v or str(logs) for k, v in TORCHRUN_LOG_ENV.items()})
+    try:
+        return launch_local("train", config, ranks)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def stage_failed(stage: Stage, code: int) -> StageFailed:
+    """One sentence: the stage, its exit code, the error its ranks raised and the log holding it."""
+    log, cause = failure_log(stage.dir / LOGS)
+    where = f"; its log is {log}" if log else f"; its ranks' output is above (no log under {stage.dir / LOGS})"
+    because = f" with {cause}" if cause else ""
+    return StageFailed(f"stage '{stage.name}' failed (exit {code}){because}{where}; fix the cause and re-run the same "
+                       "command: finished stages are skipped and this one resumes from its last checkpoint")
+
+
+def failure_log(logs: Path) -> tuple[Path | None, str]:
+    """The newest launch's rank log that holds an error, and that error's last line."""
+    launches = sorted((d for d in logs.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if not launches:
+        return None, ""
+    files = sorted(launches[-1].glob("attempt_*/*/stderr.log"))
+    for f in files:
+        errors = [m.group(1) for line in f.read_text(errors="replace").splitlines() if (m := ERROR_LINE.match(line.strip()))]
+        if errors:
+            return f, errors[-1][:300]
+    return (files[0] if files else launches[-1]), ""
+
+
