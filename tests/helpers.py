@@ -17,5 +17,6 @@ def env_for(where: Path | str, **extra) -> dict:
     string: that tracking URI)."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     env["MLFLOW_TRACKING_URI"] = where if isinstance(where, str) else f"sqlite:///{where / 'mlflow.db'}"
-    env["PYTHONPATH"] = str(REPO)
+    # The checkout first; tests/ too, for a test file that runs itself as a script and imports helpers.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     return {**env, **extra}
