@@ -29,14 +29,14 @@ from pathlib import Path
 
 import yaml
 
-from scaling.config import ConfigError
+from scaling.config import REPO_ROOT, ConfigError
 from scaling.errors import UserError
 from scaling.pipeline.lineage import Lineage
 from scaling.pipeline.spec import Pipeline, Stage, load_pipeline
 from scaling.pipeline.state import complete_stage, finished, resolve, start_stage
 from scaling.tracking import probe_store
 
-LAUNCHER = Path(__file__).resolve().parent.parent / "slurm" / "launch.sh"
+LAUNCHER = REPO_ROOT / "slurm" / "launch.sh"  # the checkout's own launcher, beside scaling/
 
 
 @dataclass
