@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -183,8 +184,8 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one(tmp_path):
 def tmpfs(path: Path, size: str):
     path.mkdir(parents=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    # Fail, not skip: a CI that cannot mount would otherwise pass without testing a full disk.
+    assert done.returncode == 0, f"this test mounts a 4 MiB tmpfs and needs root to: {done.stderr.strip()}"
 
 
 def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path):
@@ -301,12 +302,22 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"step {step} not reached")
 
 
+@contextmanager
+def started(cmd: list[str], tmp_path: Path):
+    """`cmd` running in the background; killed if the test fails before it ends."""
+    proc = subprocess.Popen(cmd, env=env_for(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
     out = tmp_path / "run"
     cmd = [*SCALING, "pretrain", "--config", str(SMOKE), f"train.output_dir={out}", *NOISE, "train.steps=100000",
            "train.save_every=100000", "train.keep_checkpoints=1"]
-    first = subprocess.Popen(cmd, env=env_for(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(cmd, tmp_path) as first:
         wait_for_step(out, 2, first)
         # A second run on the same folder refuses, naming the first, before any rank starts.
         second = subprocess.run(cmd, env=env_for(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -318,9 +329,6 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
         assert len(tree) >= 3  # torchrun and two ranks
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert first.returncode == 75, err[-3000:]
     stopped = json.loads((out / "STOPPED").read_text())
     assert tags(out) == [f"step{stopped['step']:08d}"]
@@ -339,17 +347,13 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
     assert len(changed.stderr.strip().splitlines()) == 1
 
     # Resumed, then Ctrl-C twice: stops at once without saving, nothing left running.
-    again = subprocess.Popen(cmd, env=env_for(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(cmd, tmp_path) as again:
         wait_for_step(out, stopped["step"] + 2, again)
         tree = process_tree(again.pid)
         again.send_signal(signal.SIGINT)
         time.sleep(0.3)  # Python runs one handler for signals that arrive together; a person is slower than this
         again.send_signal(signal.SIGINT)
         _, err = again.communicate(timeout=120)
-    finally:
-        if again.poll() is None:
-            again.kill()
     assert again.returncode == 130, err[-3000:]
     assert "stopped without saving" in err
     assert not alive(tree)
