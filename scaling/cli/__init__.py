@@ -1,6 +1,6 @@
 """`scaling` command line: parse, load config, call one function.
 
-One module per command family (train/export, data, pipeline, memory); `main` is the one place
+One module per command family (train/export, data, pipeline, memory, use); `main` is the one place
 that turns a `UserError` (or a missing file) into one sentence on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from scaling.cli.memory import add_memory_parser
     from scaling.cli.pipeline import add_pipeline_parser
     from scaling.cli.train import add_train_parsers
+    from scaling.cli.use import add_use_parsers
 
     p = argparse.ArgumentParser(prog="scaling", description="Video foundation models the VideoMAE V2 way, on DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_parser(sub)
     add_memory_parser(sub)
     add_shard_parser(sub)
+    add_use_parsers(sub)
     _name_commands(p)
     return p
 
