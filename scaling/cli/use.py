@@ -105,3 +105,33 @@ def add_use_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=cmd_predict)
+    add_features_parser(sub)
+
+
+def cmd_features(args) -> int:
+    from scaling.use.features import FeatureOptions, extract
+
+    extract(FeatureOptions(weights=args.weights, inputs=args.input, out=args.out, window=args.window, stride=args.stride,
+                           pool=args.pool, batch=args.batch, precision=args.precision, trust=args.trust_checkpoint,
+                           tracking=not args.no_tracking, experiment=args.experiment))
+    return 0
+
+
+def add_features_parser(sub) -> None:
+    s = sub.add_parser("features", help="the frozen encoder over sliding windows of each video: one .npy per video + index",
+                       description="Features of every video (files, folders or shards) into OUT/<key>.npy with "
+                                   "OUT/index.jsonl; re-running the same command skips finished videos.")
+    s.add_argument("--weights", required=True, help=WEIGHTS_HELP + "; a pre-training model gives its encoder's tokens")
+    s.add_argument("--input", required=True, nargs="+", help="video files, folders of videos, or shards (.tar, brace pattern, glob)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--window", type=_positive, default=None,
+                   help="frames a window spans; the model's num_frames are taken evenly from them (default: num_frames)")
+    s.add_argument("--stride", type=_positive, default=None, help="frames between window starts (default: the window)")
+    s.add_argument("--pool", choices=("mean", "none"), default="mean",
+                   help="mean: one vector per window (windows x D); none: every token (windows x tokens x D)")
+    s.add_argument("--batch", type=_positive, default=8, help="windows per forward pass (default 8)")
+    s.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's train.precision, else fp32")
+    s.add_argument("--experiment", default="features", help="MLflow experiment for the throughput (default: features)")
+    s.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    s.set_defaults(func=cmd_features)
