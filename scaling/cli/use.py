@@ -106,6 +106,7 @@ def add_use_parsers(sub) -> None:
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=cmd_predict)
     add_features_parser(sub)
+    add_visualize_parser(sub)
 
 
 def cmd_features(args) -> int:
@@ -135,3 +136,30 @@ def add_features_parser(sub) -> None:
     s.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=cmd_features)
+
+
+def cmd_visualize(args) -> int:
+    from scaling.use.visualize import VisualizeOptions, visualize
+
+    visualize(VisualizeOptions(weights=args.weights, video=args.video, out=args.out, mask=args.mask,
+                               mask_ratio=args.mask_ratio, decoder=args.decoder, frames=args.frames, seed=args.seed,
+                               trust=args.trust_checkpoint))
+    return 0
+
+
+def add_visualize_parser(sub) -> None:
+    s = sub.add_parser("visualize", help="PNG of original / masked input / reconstruction of a pre-trained model",
+                       description="Reconstruct one clip (the video's middle clip, centre crop) with a pre-training "
+                                   "model; predictions are un-normalized with each patch's own mean and std. Writes "
+                                   "the PNG and a JSON beside it with the loss.")
+    s.add_argument("--weights", required=True, help="a pre-training export (encoder + decoder) or run folder")
+    s.add_argument("--video", required=True, help="a video file (mp4, webm, avi, ...)")
+    s.add_argument("--out", default=None, help="PNG path (default: <video stem>_reconstruction.png here)")
+    s.add_argument("--mask", choices=("tube", "random"), default=None, help="encoder mask (default: the run's mask.encoder)")
+    s.add_argument("--mask-ratio", type=float, default=None, help="encoder mask ratio (default: the run's, else 0.9)")
+    s.add_argument("--decoder", choices=("running_cell", "none"), default=None,
+                   help="decoder mask: running_cell (dual masking) or none (every hidden token); default: the run's")
+    s.add_argument("--frames", type=_positive, default=4, help="frames shown (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    s.set_defaults(func=cmd_visualize)
