@@ -39,6 +39,11 @@ def validate_finetune(cfg: RunConfig, world_size: int, check_files: bool = True)
             expand_shards(f.val_shards)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"finetune.val_shards matches no files ({e}); check the path") from None
+    if f.eval_every < 0 or (f.eval_every and not f.val_shards):
+        raise ConfigError(f"finetune.eval_every={f.eval_every} validates on finetune.val_shards every that many epochs; "
+                          "set finetune.val_shards, or finetune.eval_every=0")
+    if f.test_with not in ("last", "best") or (f.test_with == "best" and not f.eval_every):
+        raise ConfigError(f"finetune.test_with must be last or best (best needs finetune.eval_every > 0), got {f.test_with!r}")
     if t.epochs < 0 or o.warmup_epochs < 0:
         raise ConfigError(f"train.epochs and optim.warmup_epochs must be 0 or more, got {t.epochs} and {o.warmup_epochs}")
     if t.epochs and o.warmup_steps <= 0 and o.warmup_epochs >= t.epochs:

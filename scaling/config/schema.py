@@ -169,6 +169,8 @@ class FinetuneConfig:
     rand_aug: str = "rand-m7-n4-mstd0.5-inc1"
     reprob: float = 0.25  # random erasing probability
     val_shards: str = ""  # evaluated with test_clips x test_crops views after training
+    eval_every: int = 0  # epochs between validations on val_shards (1 view per video; best kept); 0 = none
+    test_with: str = "last"  # weights of the final multi-view test: last | best (by validation top-1; needs eval_every)
     test_clips: int = 5
     test_crops: int = 3
     # Load `init_from` with full unpickling even if it holds objects that can run code

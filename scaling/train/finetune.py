@@ -36,6 +36,7 @@ from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
+from scaling.use.validation import Validation
 
 
 def train_loader_for(cfg: RunConfig, rank: int, world: int):
@@ -118,6 +119,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     total, warmup = run_steps(cfg, steps_per_epoch)
     groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
+    validation = Validation(cfg, rank, world, steps_per_epoch)  # finetune.eval_every
 
     state, tracker = run.resume_and_track(engine, scheduler, cfg, rank, ds_config, {
         "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
@@ -173,12 +175,14 @@ def run_finetune(cfg: RunConfig) -> dict:
                 "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 **{f"data/{k}": v for k, v in counters.items()}})
         state = run.client_state(step + 1, tracker, t.seed, epoch=(step + 1) // steps_per_epoch)
+        validation.after_step(engine, tracker, step + 1, state)
         if run.end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
             end = step + 1
             break
 
     results = {}
     if end == total and f.val_shards:
+        validation.load_for_test(engine)
         results = evaluate(engine, cfg, rank, world)
         if rank == 0:
             per_class = results.pop("per_class_accuracy")
@@ -187,5 +191,7 @@ def run_finetune(cfg: RunConfig) -> dict:
             tracker.log_artifact(str(out / "eval.json"))
             print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
                   f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
+    if end == total:
+        validation.export_best(tracker)
     run.close_run(tracker, stop, rank)
     return results

@@ -13,7 +13,7 @@ import torch
 from scaling.masking import finetune_drop_mask
 from scaling.precision import DTYPES
 from scaling.use.eval_run import class_names
-from scaling.use.views import read_video, test_views
+from scaling.use.views import multi_views, read_video
 from scaling.use.weights import classifier_from, device_for_rank, load_weights, target_classes
 
 
@@ -45,7 +45,7 @@ def predict(o: PredictOptions) -> list[dict]:
     mask, ratio = w.setting("mask", "finetune", "none"), w.setting("mask", "finetune_ratio", 0.5)
     results = []
     for path in o.videos:
-        views = test_views(read_video(path), w.num_frames, stride, w.input_size, clips, crops, sampling)
+        views = multi_views(read_video(path), w.num_frames, stride, w.input_size, clips, crops, sampling)
         drop = finetune_drop_mask(mask, views.shape[0], model.grid, ratio, train=False)  # MAR's fixed test pattern
         logits = model(views.to(device=device, dtype=dtype), None if drop is None else drop.to(device))
         probs = logits.float().softmax(dim=-1).mean(dim=0).cpu()  # (classes,), averaged over the views

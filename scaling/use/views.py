@@ -21,7 +21,7 @@ def read_video(path: str | Path) -> Video:
     return open_video(path.read_bytes())
 
 
-def test_views(vr: Video, num_frames: int, stride: int, input_size: int, clips: int, crops: int,
+def multi_views(vr: Video, num_frames: int, stride: int, input_size: int, clips: int, crops: int,
                sampling: str = "stride") -> torch.Tensor:
     """clips x crops views, (clips * crops, 3, T, S, S) float32 normalized, view = clip * crops + crop."""
     if sampling == "segments":
