@@ -134,6 +134,10 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
                              micro_batches_consumed=(step + 1) * cfg.train.grad_accum)
         if end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
             break
+    if not stop.stopped_at and end == cfg.train.steps:
+        from scaling.use.visualize import log_reconstruction_figure
+
+        log_reconstruction_figure(engine, cfg, tracker, rank, end)  # original / masked / reconstruction PNG
     close_run(tracker, stop, rank)
     return losses
 

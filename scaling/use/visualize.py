@@ -63,8 +63,9 @@ def reconstruct(model, video: torch.Tensor, encoder_mask: torch.Tensor, decoder_
     rank must call this then)."""
     inner = getattr(model, "module", model)
     size, (t, h, w) = inner.size, inner.grid
-    dtype = next(inner.parameters()).dtype
-    prediction = model(video.to(dtype), encoder_mask, decoder_mask).float().cpu()  # (1, N_dec, 2*p*p*3)
+    param = next(inner.parameters())  # a ZeRO-3 partition still has the model's dtype and device
+    prediction = model(video.to(device=param.device, dtype=param.dtype), encoder_mask.to(param.device),
+                       decoder_mask.to(param.device)).float().cpu()  # (1, N_dec, 2*p*p*3)
     target = normalized_pixel_target(video.cpu(), size.patch, size.tubelet)  # (1, N, 2*p*p*3)
     enc, dec = encoder_mask.cpu(), decoder_mask.cpu()
     loss = float(masked_reconstruction_loss(prediction, target, enc, dec))
@@ -161,3 +162,39 @@ def visualize(o: VisualizeOptions) -> dict:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[scaling] visualize: wrote {out} (loss {panels['loss']:.4f})", flush=True)
     return summary
+
+
+def log_reconstruction_figure(engine, cfg, tracker, rank: int, step: int) -> None:
+    """End of pre-training: every rank forwards the same clip (ZeRO-3 gathers weights
+    collectively), rank 0 draws it to <output_dir>/reconstruction.png and logs it to MLflow.
+    The clip is the first video of the first shard, masked as in training (seeded by
+    train.seed). Noise data has no video to show; a figure that fails only warns."""
+    from scaling.config import data_sources
+    from scaling.data.sources import expand_shards
+    from scaling.data.video import open_video
+    from scaling.tracking import first_line, warn
+    from scaling.use.features import _shard_videos
+
+    if cfg.data.source != "shards":
+        return
+    m, k = cfg.model, cfg.mask
+    try:
+        source = data_sources(cfg)[0]
+        key, data = next(_shard_videos(expand_shards(source.shards)[0]))
+        video = centre_clip(open_video(data), m.num_frames, source.stride, m.input_size)
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        enc, dec = make_masks(1, engine.module.grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, g)
+    except Exception as e:  # noqa: BLE001 - the same on every rank, before any collective: skip the figure
+        if rank == 0:
+            warn(f"no reconstruction figure ({first_line(e)})")
+        return
+    was_training = engine.module.training
+    engine.module.eval()
+    panels = reconstruct(engine, video, enc, dec)
+    engine.module.train(was_training)
+    if rank == 0:
+        path = draw(panels, Path(cfg.train.output_dir) / "reconstruction.png", 4,
+                    f"sample {key} at step {step}: {k.encoder} {k.encoder_ratio:g}, decoder {k.decoder}; "
+                    f"loss {panels['loss']:.4f}")
+        tracker.log_metrics({"reconstruction/loss": panels["loss"]}, step=step)
+        tracker.log_artifact(str(path))
