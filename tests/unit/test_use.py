@@ -92,3 +92,42 @@ def test_visualize_error_equals_the_pretraining_loss_on_the_same_clip_and_masks(
     assert summary["reconstruction_error"] == pytest.approx(float(loss), rel=1e-4)
     assert (tmp_path / "rec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "rec.json").read_text())["mask"] == mask
+
+
+def test_features_of_a_pretraining_export_are_its_encoder_tokens_over_each_window(synth_shards, tmp_path):
+    import tarfile
+
+    import numpy as np
+
+    from scaling.data.video import open_video, read_clips
+    from scaling.use.features import FeatureOptions, extract
+    from scaling.use.views import centre_view
+
+    torch.manual_seed(0)
+    model = build_pretrain_model("debug", 8, 64).eval()
+    torch.save({"model": model.state_dict(), "config": {"model": {"name": "debug", "num_frames": 8, "input_size": 64}}},
+               tmp_path / "pre.pt")
+    shard = synth_shards(4, 4) / "synth-000000.tar"
+    stats = extract(FeatureOptions(weights=str(tmp_path / "pre.pt"), inputs=[str(shard)], out=str(tmp_path / "f"),
+                                   window=16, stride=12, pool="none", batch=2, tracking=False))
+    assert (stats["videos"], stats["windows"]) == (4, 4 * 3)  # 40 frames: windows at 0, 12, 24
+    with tarfile.open(shard) as tar:
+        data = tar.extractfile(next(m for m in tar if m.name.endswith(".mp4"))).read()
+    (frames,) = read_clips(open_video(data), [list(range(12, 28, 2))])  # window 2 of 16 frames, 8 taken
+    with torch.no_grad():
+        tokens = model.encoder(centre_view(frames, 64)[None], torch.arange(4 * 4 * 4)[None])  # (1, N, D)
+    saved = np.load(tmp_path / "f" / "00000000.npy")  # (windows, N, D)
+    assert saved.shape == (3, 64, 64)
+    np.testing.assert_allclose(saved[1], tokens[0].numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_bridging_classifier_with_mar_loads_with_its_head(tmp_path):
+    model = build_classifier("debug", 5, 8, 64, head="bridging").eval()
+    config = {"model": {"name": "debug", "num_frames": 8, "input_size": 64, "head": "bridging"},
+              "mask": {"finetune": "running_cell", "finetune_ratio": 0.5}}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "mar.pt")
+    w = load_weights(tmp_path / "mar.pt")
+    assert (w.head, w.setting("mask", "finetune", "none")) == ("bridging", "running_cell")
+    video = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier_from(w)(video), model(video))
