@@ -131,3 +131,23 @@ def test_a_bridging_classifier_with_mar_loads_with_its_head(tmp_path):
     video = torch.randn(1, 3, 8, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(classifier_from(w)(video), model(video))
+
+
+@pytest.mark.parametrize("suffix,codec", [(".webm", "libvpx"), (".avi", "mpeg4")])
+def test_predict_reads_webm_and_avi_files(tmp_path, suffix, codec, capsys):
+    import av
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(0, 255, (12, 48, 64, 3), dtype=np.uint8)
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    torch.save({"model": build_classifier("debug", 3, 8, 32).state_dict(),
+                "config": {"model": {"name": "debug", "num_frames": 8, "input_size": 32}}}, tmp_path / "c.pt")
+    assert main(["predict", str(path), "--weights", str(tmp_path / "c.pt"), "--json", "--clips", "2", "--crops", "1"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["top5"]) == 3 and sum(p["probability"] for p in result["top5"]) == pytest.approx(1, abs=1e-4)
