@@ -55,15 +55,22 @@ def default_out(weights: str) -> Path:
 
 
 def class_names(spec: str | None, num_classes: int) -> list[str]:
-    """Names for the classes: the given list, the Kinetics list matching the head, or class_<i>."""
-    from scaling.cli.train import class_names_for
+    """Names for the classes: `spec` (k400/k600/k700/k710 or a file of one name per line), else
+    the Kinetics list matching the head's size, else class_<i>."""
+    from scaling.label_space import load_class_list, load_k710_classes
 
-    names = class_names_for(spec)
-    if names is not None:
-        return names
-    if num_classes in (400, 600, 700, 710):
-        return class_names_for(f"k{num_classes}")
-    return [f"class_{i}" for i in range(num_classes)]
+    spec = spec or (f"k{num_classes}" if num_classes in (400, 600, 700, 710) else None)
+    if spec is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    if spec in ("k400", "k600", "k700"):
+        return load_class_list(int(spec[1:]))
+    if spec == "k710":
+        return load_k710_classes()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--classes {spec}: not k400/k600/k700/k710 and no such file; give one of those "
+                                "or a text file with one class name per line")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def ranks() -> tuple[int, int]:
@@ -117,7 +124,8 @@ def run_eval(o: EvalOptions) -> dict:
     print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
           f"({clips} clips x {crops} crops, {seconds:.1f} s); wrote {out / 'eval.json'}", flush=True)
     if o.tracking:
-        log_to_mlflow(out, results, o, w.source)
+        log_to_mlflow(out, results, o, {"weights": str(o.weights), "source": w.source, "shards": o.shards, "clips": clips,
+                                        "crops": crops, "classes": o.classes or num_classes, "precision": precision})
     return results
 
 
@@ -168,12 +176,11 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def log_to_mlflow(out: Path, results: dict, o: EvalOptions, source: str) -> None:
+def log_to_mlflow(out: Path, results: dict, o: EvalOptions, params: dict) -> None:
     from scaling.tracking import MLflowTracker
 
     tracker = MLflowTracker("", o.experiment, run_name=f"eval {Path(o.weights).name}")
-    tracker.log_params({"weights": str(o.weights), "source": source, "shards": o.shards,
-                        "clips": o.clips, "crops": o.crops, "classes": o.classes or ""})
+    tracker.log_params(params)
     tracker.log_metrics({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=0)
     for name in ("eval.json", "per_class.csv", "confusion.png"):
         tracker.log_artifact(str(out / name))

@@ -22,6 +22,7 @@ Files are read with PyTorch's weights-only unpickler unless `trust` is given.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def load_weights(path: str | Path, trust: bool = False) -> Weights:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 

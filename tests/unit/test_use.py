@@ -151,3 +151,16 @@ def test_predict_reads_webm_and_avi_files(tmp_path, suffix, codec, capsys):
     assert main(["predict", str(path), "--weights", str(tmp_path / "c.pt"), "--json", "--clips", "2", "--crops", "1"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert len(result["top5"]) == 3 and sum(p["probability"] for p in result["top5"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_a_safetensors_export_loads_with_the_run_config_beside_it(tmp_path):
+    from scaling.models.export_hf import write_safetensors
+
+    model = build_classifier("debug", 4, 8, 64).eval()
+    config = {"model": {"name": "debug", "num_frames": 8, "input_size": 64}, "data": {"stride": 2}}
+    write_safetensors({"model": model.state_dict(), "config": config}, tmp_path / "model.safetensors")
+    w = load_weights(tmp_path / "model.safetensors")
+    assert (w.num_frames, w.setting("data", "stride", 4), w.source) == (8, 2, f"safetensors export {tmp_path / 'model.safetensors'}")
+    video = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier_from(w)(video), model(video))
