@@ -77,7 +77,7 @@ def add_use_parsers(sub) -> None:
                        description="Top-1/top-5 of a classifier on webdataset shards; writes eval.json, per_class.csv "
                                    "and confusion.png and logs them to an MLflow run.")
     s.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    s.add_argument("--shards", required=True, help="labelled shards: brace pattern, glob, or a list file")
+    s.add_argument("--shards", required=True, help="labelled shards: a brace pattern or glob, e.g. 'data/val-{000000..000009}.tar'")
     s.add_argument("--clips", type=_positive, default=None, help="temporal views (default: the run's finetune.test_clips, else 5)")
     s.add_argument("--crops", type=_positive, default=None, help="spatial views (default: the run's finetune.test_crops, else 3)")
     s.add_argument("--classes", default=None, help=CLASSES_HELP)
