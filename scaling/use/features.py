@@ -74,13 +74,14 @@ def videos_in(inputs: list[str]) -> Iterator[tuple[str, bytes]]:
             yield path.stem, path.read_bytes()
         elif ".tar" in item or any(c in item for c in "{*?["):
             for url in expand_shards(item):
-                yield from _shard_videos(url)
+                yield from shard_videos(url)
         else:
             raise FeatureInputError(f"--input {item} is neither a video file ({', '.join(VIDEO_SUFFIXES)}), a folder of "
                                     "videos nor webdataset shards (.tar, a brace pattern or a glob)")
 
 
-def _shard_videos(url: str) -> Iterator[tuple[str, bytes]]:
+def shard_videos(url: str) -> Iterator[tuple[str, bytes]]:
+    """(sample key, video bytes) of one shard, in the shard's order."""
     from webdataset.tariterators import base_plus_ext
 
     with tarfile.open(url) as tar:

@@ -39,7 +39,7 @@ GREY = 0.5
 class VisualizeOptions:
     weights: str
     video: str
-    out: str | None = None  # default: <video stem>_reconstruction.png beside the weights' eval folder... see cli
+    out: str | None = None  # default: <video stem>_reconstruction.png in the current folder
     mask: str | None = None  # None: the run's mask.encoder, else tube
     mask_ratio: float | None = None
     decoder: str | None = None  # None: the run's mask.decoder, else running_cell
@@ -173,14 +173,14 @@ def log_reconstruction_figure(engine, cfg, tracker, rank: int, step: int) -> Non
     from scaling.data.sources import expand_shards
     from scaling.data.video import open_video
     from scaling.tracking import first_line, warn
-    from scaling.use.features import _shard_videos
+    from scaling.use.features import shard_videos
 
     if cfg.data.source != "shards":
         return
     m, k = cfg.model, cfg.mask
     try:
         source = data_sources(cfg)[0]
-        key, data = next(_shard_videos(expand_shards(source.shards)[0]))
+        key, data = next(shard_videos(expand_shards(source.shards)[0]))
         video = centre_clip(open_video(data), m.num_frames, source.stride, m.input_size)
         g = torch.Generator().manual_seed(cfg.train.seed)
         enc, dec = make_masks(1, engine.module.grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, g)
