@@ -80,6 +80,10 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    depth = get_size(m.name).depth
+    if not isinstance(m.activation_checkpointing, bool) and not 0 <= m.activation_checkpointing <= depth:
+        raise ConfigError(f"model.activation_checkpointing={m.activation_checkpointing} is not a block count of "
+                          f"{m.name} ({depth} blocks); use true, false or a number from 0 to {depth}")
     problems = [check_mask("encoder", k.encoder, grid, k.encoder_ratio, "mask.encoder", "mask.encoder_ratio", m.input_size),
                 check_mask("decoder", k.decoder, grid, k.decoder_ratio, "mask.decoder", "mask.decoder_ratio", m.input_size)]
     if problems[0]:

@@ -68,7 +68,10 @@ class ModelConfig:
     num_frames: int = 16
     input_size: int = 224
     drop_path: float = 0.0
-    activation_checkpointing: bool = False
+    # true (every block), false, or N: the first N encoder blocks and the same share of the
+    # decoder's / bridging head's blocks (fewer recomputed blocks, more memory; `scaling memory
+    # plan --budget-gb` picks N)
+    activation_checkpointing: bool | int = False
     head: str = "linear"  # finetune: linear (VideoMAE V2) | bridging (MAR: 2 blocks of width 512 on the kept tokens)
 
 

@@ -33,7 +33,7 @@ from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import MASKINGS, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
 from scaling.models.pretrain import VideoMAEPretrain
-from scaling.models.vit import Block, ViTSize, get_size, num_tokens
+from scaling.models.vit import Block, ViTSize, checkpoint_count, get_size, num_tokens
 from scaling.precision import DTYPES
 
 GiB = 2**30
@@ -52,7 +52,7 @@ class PlanError(UserError, ValueError):
 class PlanSpec:
     model: str = "vit_g"
     masking: str = "dual"  # dual (VideoMAE V2) | encoder_only (VideoMAE)
-    checkpointing: bool = True
+    checkpointing: bool | int = True  # true, false or N encoder blocks (and the same share of the decoder's)
     precision: str = "bf16"
     zero_stage: int = 3
     offload_optimizer: str = "none"  # none | cpu | nvme
@@ -68,6 +68,7 @@ class PlanSpec:
     device: str = "gpu"  # whose code path and memory: gpu, or cpu (this box: GPU memory = host RAM)
     ds_config: str = "ds_configs/zero3_bf16.json"
     micro_batch: int = 0  # clips per GPU to show the total for; 0 = only the largest that fits
+    budget_gb: float = 0.0  # GiB per rank: recommend the fewest checkpointed blocks and the largest micro-batch; 0 = no
 
     @property
     def gpus(self) -> int:
@@ -96,6 +97,9 @@ def validate(spec: PlanSpec) -> None:
         (0 < spec.encoder_ratio < 1, f"--encoder-ratio {spec.encoder_ratio} must be in (0, 1), e.g. 0.9"),
         (spec.device in ("gpu", "cpu"), f"unknown device '{spec.device}': choose gpu or cpu"),
         (spec.micro_batch >= 0, "--micro-batch must be 0 (largest that fits) or a clip count"),
+        (isinstance(spec.checkpointing, bool) or 0 <= spec.checkpointing <= get_size(spec.model).depth,
+         f"--checkpoint-blocks {spec.checkpointing} is not a block count of {spec.model}: use 0..{get_size(spec.model).depth}"),
+        (spec.budget_gb >= 0, "--budget-gb must be positive (GiB per rank), or 0 for no recommendation"),
     ]
     for ok, message in checks:
         if not ok:
@@ -321,7 +325,7 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
     visible, decoded = int((~enc[0]).sum()), int(dec[0].sum())
     stacks = {"encoder_block": (size.width, size.heads, size.depth, visible),
               "decoder_block": (size.decoder_width, size.decoder_heads, size.decoder_depth, visible + decoded)}
-    out = {}
+    out = {"depth": {"encoder_block": size.depth, "decoder_block": size.decoder_depth}}
     for ckpt in (False, True):
         base = saved(1, 1, ckpt)
         blocks = {"encoder_block": saved(2, 1, ckpt) - base, "decoder_block": saved(1, 2, ckpt) - base}
@@ -333,8 +337,8 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
                 blocks[k] += extra
                 total += depth * extra
         out["checkpointing" if ckpt else "plain"] = total
-        if not ckpt:
-            out.update(blocks)
+        # A checkpointed block keeps only its input: what each block saves either way.
+        out.update({(f"{k}_checkpointed" if ckpt else k): v for k, v in blocks.items()})
     out["tokens"] = {"encoder": visible, "decoder": visible + decoded, "predicted": decoded}
     out["per_token"] = {"encoder_block": out["encoder_block"] / visible, "decoder_block": out["decoder_block"] / (visible + decoded)}
     # The training loop holds the fp32 clip and its fp32 normalized-pixel target (B, N, 2*p*p*3).
@@ -342,14 +346,26 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
     return out
 
 
-def per_clip(profile: dict, checkpointing: bool) -> int:
+def checkpointed_counts(profile: dict, checkpointing: bool | int) -> dict:
+    """Checkpointed blocks per stack for `model.activation_checkpointing` (vit.checkpoint_count)."""
+    enc = profile["depth"]["encoder_block"]
+    return {k: checkpoint_count(checkpointing, depth, enc) for k, depth in profile["depth"].items()}
+
+
+def saved_bytes(profile: dict, checkpointing: bool | int) -> int:
+    """Bytes saved for backward per clip with `checkpointing` (true, false or N blocks): every
+    checkpointed block keeps its input instead of everything it would save."""
+    counts = checkpointed_counts(profile, checkpointing)
+    return profile["plain"] - sum(n * (profile[k] - profile[f"{k}_checkpointed"]) for k, n in counts.items())
+
+
+def per_clip(profile: dict, checkpointing: bool | int) -> int:
     """Activation bytes per clip at the backward peak: what is saved, the loop's inputs, and
-    under checkpointing the activations of the one block being recomputed."""
-    recompute = max(profile["encoder_block"], profile["decoder_block"]) if checkpointing else 0
-    return profile["checkpointing" if checkpointing else "plain"] + profile["inputs"] + recompute
+    when any block is checkpointed the activations of the largest one being recomputed."""
+    counts = checkpointed_counts(profile, checkpointing)
+    recompute = max((profile[k] for k, n in counts.items() if n), default=0)
+    return saved_bytes(profile, checkpointing) + profile["inputs"] + recompute
 
-
-# ---------------------------------------------------------------- the plan
 
 def largest_micro_batch(budget: int, fixed: int, clip: int, optimizer_scratch: int) -> int:
     """Most clips with fixed + max(clips x clip, optimizer scratch) <= budget (0: nothing fits)."""
@@ -373,14 +389,15 @@ def plan(spec: PlanSpec) -> dict:
     scratch = optimizer_temporaries(spec, total, zero)
     budget = int(spec.gpu_memory_gb * GiB) - int(spec.reserve_gb * GiB)
     rows = []
+    settings = [False, True] + ([] if isinstance(spec.checkpointing, bool) else [spec.checkpointing])
     for masking in MASKINGS:
         profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
                                      spec.encoder_ratio, spec.decoder_ratio)
-        for ckpt in (False, True):
+        for ckpt in settings:
             clip = per_clip(profile, ckpt)
-            rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": profile["checkpointing" if ckpt else "plain"],
+            rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": saved_bytes(profile, ckpt),
                          "activation_per_clip": clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
-                         "selected": masking == spec.masking and ckpt == spec.checkpointing})
+                         "selected": masking == spec.masking and same_setting(ckpt, spec.checkpointing)})
     chosen = next(r for r in rows if r["selected"])
     result = {
         "spec": dataclasses.asdict(spec),
@@ -399,14 +416,48 @@ def plan(spec: PlanSpec) -> dict:
     }
     if spec.micro_batch:
         result["at_micro_batch"] = {"clips": spec.micro_batch, **peak(result, spec.micro_batch)}
+    if spec.budget_gb:
+        result["budget"] = recommend(spec, fixed, scratch)
     return result
 
 
-def peak(result: dict, clips: int, masking: str | None = None, checkpointing: bool | None = None) -> dict:
+def same_setting(a: bool | int, b: bool | int) -> bool:
+    """`model.activation_checkpointing` values compared as written: 1 is one block, not true."""
+    return type(a) is type(b) and a == b
+
+
+def recommend(spec: PlanSpec, fixed: int, scratch: int) -> dict:
+    """Per masking mode, for `--budget-gb` per rank: the fewest checkpointed encoder blocks N
+    with which `--micro-batch` clips (at least 1) fit, and the largest micro-batch at that N.
+    Fewer blocks recompute less, so this N is the fastest setting that fits; a larger budget
+    never asks for more blocks. {"fits": False, ...} when even every block checkpointed does not."""
+    budget = int(spec.budget_gb * GiB) - int(spec.reserve_gb * GiB)
+    clips = max(spec.micro_batch, 1)
+    out = {"budget_gb": spec.budget_gb, "budget_per_rank": budget, "clips": clips, "by_masking": {}}
+    for masking in MASKINGS:
+        profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
+                                     spec.encoder_ratio, spec.decoder_ratio)
+        depth = profile["depth"]["encoder_block"]
+        sweep = [{"blocks": n, "activation_per_clip": per_clip(profile, n),
+                  "largest_micro_batch": largest_micro_batch(budget, fixed, per_clip(profile, n), scratch)}
+                 for n in range(depth + 1)]
+        pick = next((r for r in sweep if r["largest_micro_batch"] >= clips), None)
+        least = fixed + max(clips * sweep[-1]["activation_per_clip"], scratch)
+        out["by_masking"][masking] = {
+            "fits": pick is not None, "sweep": sweep,
+            **({"checkpoint_blocks": pick["blocks"], "largest_micro_batch": pick["largest_micro_batch"],
+                "peak": fixed + max(clips * pick["activation_per_clip"], scratch)} if pick else
+               {"least_needed": least}),
+        }
+    return out
+
+
+def peak(result: dict, clips: int, masking: str | None = None, checkpointing: bool | int | None = None) -> dict:
     """Predicted peak per GPU (without the reserve) for `clips` per GPU, by phase."""
     spec = result["spec"]
+    want = spec["checkpointing"] if checkpointing is None else checkpointing
     row = next(r for r in result["fits"] if r["masking"] == (masking or spec["masking"])
-               and r["checkpointing"] == (spec["checkpointing"] if checkpointing is None else checkpointing))
+               and same_setting(r["checkpointing"], want))
     backward = result["fixed_per_gpu"] + clips * row["activation_per_clip"]
     step = result["fixed_per_gpu"] + result["optimizer_temporaries"]
     return {"forward_backward": backward, "optimizer_step": step, "peak": max(backward, step),
@@ -436,10 +487,27 @@ def table(result: dict) -> str:
     lines += ["", "masking       checkpointing  saved/clip MiB  peak act/clip MiB  largest micro-batch (clips/GPU)"]
     for r in result["fits"]:
         mark = "  <-" if r["selected"] else ""
-        lines.append(f"{r['masking']:<13s} {'yes' if r['checkpointing'] else 'no':<14s} {r['saved_per_clip'] / 2**20:14.1f} "
+        ckpt = r["checkpointing"]
+        said = ("yes" if ckpt else "no") if isinstance(ckpt, bool) else f"{ckpt} blocks"
+        lines.append(f"{r['masking']:<13s} {said:<14s} {r['saved_per_clip'] / 2**20:14.1f} "
                      f"{r['activation_per_clip'] / 2**20:18.1f}  {r['largest_micro_batch']:>10d}{mark}")
     if "at_micro_batch" in result:
         a = result["at_micro_batch"]
         lines.append(f"\nat {a['clips']} clips per GPU: peak {a['peak'] / GiB:.2f} GiB + reserve -> "
                      f"{'fits' if a['fits'] else 'does NOT fit'} in {s['gpu_memory_gb']:g} GiB")
+    if "budget" in result:
+        lines += budget_lines(result["budget"])
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict) -> list[str]:
+    """The --budget-gb recommendation, one line per masking mode."""
+    lines = [f"\nin {budget['budget_gb']:g} GiB per rank (less the reserve), {budget['clips']}+ clips per rank:"]
+    for masking, r in budget["by_masking"].items():
+        if r["fits"]:
+            lines.append(f"  {masking:<13s} model.activation_checkpointing={r['checkpoint_blocks']}, micro-batch up to "
+                         f"{r['largest_micro_batch']} (peak {r['peak'] / GiB:.2f} GiB at {budget['clips']})")
+        else:
+            lines.append(f"  {masking:<13s} nothing fits: even with every block checkpointed {budget['clips']} clip(s) "
+                         f"need {r['least_needed'] / GiB:.2f} GiB; use more ranks, offload or a larger budget")
+    return lines
