@@ -103,8 +103,8 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         )
     if t.max_nonfinite_steps < 1:
         raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
-    if t.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose bf16, fp16 or fp32")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose auto, bf16, fp16 or fp32")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     if check_files:

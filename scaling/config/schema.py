@@ -130,7 +130,9 @@ class TrainConfig:
     global_batch: int = 2  # videos per optimizer step over all ranks (clips = x num_sample)
     grad_accum: int = 1
     ranks: int = 1  # local processes when `scaling pretrain` launches them itself
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    # auto (bf16 on GPUs that have it, fp16 on those that do not; on CPUs whichever a timed block
+    # says is faster, scaling/precision.py) | bf16 | fp16 | fp32
+    precision: str = "auto"
     zero_stage: int = 3
     ds_config: str = "ds_configs/zero3_bf16.json"
     seed: int = 0
