@@ -4,6 +4,7 @@ checkpointed encoder blocks N, with the planner's prediction beside each.
     .venv/bin/python bench/checkpoint_sweep.py --model vit_b --blocks 0 3 6 9 12 --frames 8
     .venv/bin/python bench/checkpoint_sweep.py --repredict          # new predictions, same measurements
     .venv/bin/python bench/checkpoint_sweep.py --check-budget       # run the planner's pick for a budget between the extremes
+    .venv/bin/python bench/checkpoint_sweep.py --placement --blocks 0 6 12 --clips 2   # first-N vs spread, one process
 
 Each N is one run of bench/zero_steps.py under torchrun (ZeRO-3, bf16, dual masking, noise
 clips; `model.activation_checkpointing=N`: the first N encoder blocks and the same share of the
@@ -11,6 +12,13 @@ decoder's, rounded up). Measured: each rank's peak RSS above its idle baseline (
 bench/plan_validate.py) and the seconds of each step after the first. The runs are sequential,
 so drift between them is not cancelled: the load average before and after each run is kept.
 Writes bench/results/checkpoint_sweep_<model>.json.
+
+`--placement` compares where the N blocks sit (first N, as InternVideo2, or spread evenly) in
+one process on a bf16-cast model (as DeepSpeed's bf16 runs it): peak RSS above the step's start
+and seconds per forward + backward, the arms interleaved. Both placements save the same bytes
+and recompute the same blocks; what can differ is the peak (a checkpointed last block is
+recomputed while everything before it is still held) and so the bytes saved per second of
+recompute. Writes bench/results/checkpoint_placement_<model>.json.
 """
 from __future__ import annotations
 
@@ -66,6 +74,7 @@ def measure(model: str, blocks: int, frames: int, clips: int, steps: int, ds_con
 
 def with_predictions(result: dict) -> dict:
     s = result["settings"]
+    result["rows"].sort(key=lambda r: r["blocks"])
     for row in result["rows"]:
         row["predicted"] = predicted(s["model"], row["blocks"], s["frames"], s["clips"])
         worst = max(row["measured_peak_mib"])
@@ -85,6 +94,58 @@ def check_budget(result: dict, ds_config: str) -> dict:
         out["run"] = run
         out["fits_when_run"] = max(run["measured_peak_mib"]) <= budget_gb * GiB / MiB
     return out
+
+
+def placement(model_name: str, blocks: list[int], frames: int, clips: int, steps: int, threads: int) -> dict:
+    import torch
+    from step import PeakRSS
+
+    from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+    from scaling.masking import make_masks
+    from scaling.models.pretrain import build_pretrain_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_pretrain_model(model_name, frames, 224).to(torch.bfloat16).train()
+    g = torch.Generator().manual_seed(0)
+    enc, dec = make_masks(clips, model.grid, "tube", 0.9, "running_cell", 0.5, g)
+    video = torch.randn(clips, 3, frames, 224, 224, generator=g)
+    target = normalized_pixel_target(video, model.size.patch, model.size.tubelet)
+
+    def step(n: int, where: str) -> float:
+        model.set_grad_checkpointing(n, where)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        masked_reconstruction_loss(model(video.to(torch.bfloat16), enc, dec), target, enc, dec).backward()
+        return time.perf_counter() - t0
+
+    arms = [(0, "first")] + [(n, w) for n in blocks if n for w in ("first", "spread")]
+    load_before = os.getloadavg()
+    for arm in arms:
+        step(*arm)  # warm-up
+    seconds = {arm: [] for arm in arms}
+    for _ in range(steps):
+        for arm in arms:
+            seconds[arm].append(step(*arm))
+    peaks = {}
+    for arm in arms:
+        model.zero_grad(set_to_none=True)
+        with PeakRSS() as mem:
+            step(*arm)
+        peaks[arm] = mem.delta
+    base_s, base_peak = min(seconds[(0, "first")]), peaks[(0, "first")]
+    rows = []
+    for (n, where) in arms:
+        extra_s = min(seconds[(n, where)]) - base_s
+        saved = base_peak - peaks[(n, where)]
+        rows.append({"blocks": n, "placement": where, "min_s": round(min(seconds[(n, where)]), 3),
+                     "seconds": [round(x, 3) for x in seconds[(n, where)]], "peak_mib": round(peaks[(n, where)] / MiB, 1),
+                     "saved_mib_vs_none": round(saved / MiB, 1), "recompute_s": round(extra_s, 3),
+                     "saved_mib_per_recompute_s": round(saved / MiB / extra_s, 1) if n and extra_s > 0 else None})
+    return {"what": "one process, bf16-cast model, forward + backward of the pre-training loss; peak RSS above the step's "
+                    "start (1 ms sampling after malloc_trim); arms interleaved, min of the timed steps",
+            "settings": {"model": model_name, "frames": frames, "clips": clips, "steps": steps, "threads": threads},
+            "load_avg_before_after": [list(load_before), list(os.getloadavg())], "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -108,7 +169,17 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: bench/results/checkpoint_sweep_<model>.json")
     p.add_argument("--repredict", action="store_true", help="only recompute the planner's predictions in --out")
     p.add_argument("--check-budget", action="store_true", help="only run the planner's pick for a budget between the extremes")
+    p.add_argument("--placement", action="store_true", help="first-N vs spread in one process (see the module text)")
+    p.add_argument("--threads", type=int, default=2, help="--placement: torch threads")
     args = p.parse_args()
+    if args.placement:
+        result = placement(args.model, args.blocks, args.frames, args.clips, args.steps, args.threads)
+        path = Path(args.out or ROOT / "bench" / "results" / f"checkpoint_placement_{args.model}.json")
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        for r in result["rows"]:
+            print(r)
+        print(f"wrote {path}")
+        return
     out = Path(args.out or ROOT / "bench" / "results" / f"checkpoint_sweep_{args.model}.json")
 
     if args.repredict or args.check_budget:

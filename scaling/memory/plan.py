@@ -13,6 +13,13 @@ Per GPU at the step's peak, in bytes:
                       model + the clip and its target + under checkpointing one block recomputed);
                       they are freed before the optimizer step, whose temporaries take their place
   + reserve           CUDA context, NCCL and allocator slack: a flat guess (--reserve-gb), not measured
+  + on CPU ranks       three measured terms (CPU_TERMS): framework buffers (gloo, shared-memory comm,
+                      oneDNN, malloc arenas), DeepSpeed flat buffers per partitioned parameter, and the
+                      share of the activations glibc's arenas keep beside the next step's; fitted to the
+                      peak RSS of real 2-rank runs of debug, ViT-S and ViT-B (bench/plan_calibrate.py)
+
+Checkpointing is true, false or N: the first N encoder blocks and the same share of the
+decoder's; `--budget-gb` picks, per masking mode, the fewest blocks with which the clips fit.
 
 Activations are counted, not modelled: the project's own model, masks and loss run on meta
 tensors (`counting.meta_counting`, the GPU code path), on 1- and 2-block models extrapolated per
@@ -44,6 +51,23 @@ ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "
                  "contiguous_gradients": True, "sub_group_size": 1e9, "buffer_count": 4}
 
 
+# What CPU ranks hold beyond the named states, buffers and counted activations: fitted to the
+# per-rank peak RSS (above an idle rank, after 3 steps) of real 2-rank ZeRO-3 bf16 runs of debug,
+# ViT-S and ViT-B (bench/plan_calibrate.py, bench/results/plan_calibration.json). Each is one
+# named term in the plan; none of them exists on a GPU's memory.
+CPU_TERMS = {
+    # gloo and shared-memory comm buffers, oneDNN primitive caches, per-thread malloc arenas
+    # and the autograd engine: the same for every size (the debug model's run is almost only this)
+    "framework_bytes": 135 * 2**20,
+    # DeepSpeed's flat buffers beyond the estimate's 18 bytes/param (fp32 gradient partition
+    # buffers, the reduce-scatter copies of a bucket), bytes per parameter of the rank's partition
+    "flat_buffer_bytes_per_param": 8.4,
+    # glibc keeps freed activation pages in its arenas and a later step allocates beside them
+    # (the peak RSS grows over the first steps): a share of the step's activations
+    "allocator_share_of_activations": 0.44,
+}
+
+
 class PlanError(UserError, ValueError):
     """A setting the user can fix; the message is one sentence naming it and the fix."""
 
@@ -69,6 +93,7 @@ class PlanSpec:
     ds_config: str = "ds_configs/zero3_bf16.json"
     micro_batch: int = 0  # clips per GPU to show the total for; 0 = only the largest that fits
     budget_gb: float = 0.0  # GiB per rank: recommend the fewest checkpointed blocks and the largest micro-batch; 0 = no
+    calibrated: bool = True  # device cpu: add the measured terms of CPU_TERMS (False: what the model alone predicts)
 
     @property
     def gpus(self) -> int:
@@ -249,7 +274,17 @@ def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
                 f"buffer_count ({zero['buffer_count']}) fp32 buffers of one sub-group ({sub / 1e6:.0f} M elements)")
             add("sub-group fp32 gradient and new Adam moments", (4 + 8) * sub, "host",
                 "the fp32 gradient buffer of a sub-group and the moments AdamW creates before they are swapped out")
+    if spec.device == "cpu" and spec.calibrated:
+        add("framework buffers (measured)", CPU_TERMS["framework_bytes"], "host",
+            "gloo and shared-memory comm buffers, oneDNN caches, malloc arenas, autograd: constant, fitted to real runs")
+        add("DeepSpeed flat buffers (measured)", CPU_TERMS["flat_buffer_bytes_per_param"] * total / G, "host",
+            f"{CPU_TERMS['flat_buffer_bytes_per_param']:.2f} bytes per partitioned parameter beyond the estimate, fitted to real runs")
     return out
+
+
+def allocator_share(spec: PlanSpec) -> float:
+    """Extra activation bytes per counted byte that CPU ranks' malloc arenas hold (CPU_TERMS)."""
+    return CPU_TERMS["allocator_share_of_activations"] if spec.device == "cpu" and spec.calibrated else 0.0
 
 
 def optimizer_temporaries(spec: PlanSpec, total: int, zero: dict) -> int:
@@ -394,9 +429,10 @@ def plan(spec: PlanSpec) -> dict:
         profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
                                      spec.encoder_ratio, spec.decoder_ratio)
         for ckpt in settings:
-            clip = per_clip(profile, ckpt)
+            counted_clip = per_clip(profile, ckpt)
+            clip = int(counted_clip * (1 + allocator_share(spec)))
             rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": saved_bytes(profile, ckpt),
-                         "activation_per_clip": clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
+                         "activation_per_clip": clip, "allocator_retention_per_clip": clip - counted_clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
                          "selected": masking == spec.masking and same_setting(ckpt, spec.checkpointing)})
     chosen = next(r for r in rows if r["selected"])
     result = {
@@ -438,9 +474,9 @@ def recommend(spec: PlanSpec, fixed: int, scratch: int) -> dict:
         profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
                                      spec.encoder_ratio, spec.decoder_ratio)
         depth = profile["depth"]["encoder_block"]
-        sweep = [{"blocks": n, "activation_per_clip": per_clip(profile, n),
-                  "largest_micro_batch": largest_micro_batch(budget, fixed, per_clip(profile, n), scratch)}
-                 for n in range(depth + 1)]
+        clips_of = [int(per_clip(profile, n) * (1 + allocator_share(spec))) for n in range(depth + 1)]
+        sweep = [{"blocks": n, "activation_per_clip": c, "largest_micro_batch": largest_micro_batch(budget, fixed, c, scratch)}
+                 for n, c in enumerate(clips_of)]
         pick = next((r for r in sweep if r["largest_micro_batch"] >= clips), None)
         least = fixed + max(clips * sweep[-1]["activation_per_clip"], scratch)
         out["by_masking"][masking] = {
@@ -483,6 +519,8 @@ def table(result: dict) -> str:
         lines.append(f"  + {e['name'] + (' (host)' if e['where'] == 'host' else ''):<39s}{gib(e['bytes'])}")
     lines.append(f"  = fixed                                   {gib(result['fixed_per_gpu'])}")
     lines.append(f"  optimizer-step scratch (not with acts)    {gib(result['optimizer_temporaries'])}")
+    if s["device"] == "cpu" and s["calibrated"]:
+        lines.append(f"  + malloc arenas keep {CPU_TERMS['allocator_share_of_activations']:.0%} of the activations (measured; in the act/clip column)")
     lines.append(f"  reserve (CUDA context, allocator slack)   {gib(result['reserve'])}")
     lines += ["", "masking       checkpointing  saved/clip MiB  peak act/clip MiB  largest micro-batch (clips/GPU)"]
     for r in result["fits"]:

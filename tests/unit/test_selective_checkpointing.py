@@ -124,3 +124,18 @@ def test_plan_marks_a_row_for_n_blocks_not_for_true():
     with pytest.raises(P.PlanError, match="--checkpoint-blocks 3 is not a block count of debug"):
         P.plan(dataclasses.replace(P.PlanSpec(model="debug"), checkpointing=3))
     assert get_size("debug").depth == 2
+
+
+def test_cpu_plan_names_its_measured_terms():
+    """CPU ranks: framework and flat-buffer terms in the fixed part, malloc arenas on the
+    activations; none of them on a GPU or with calibrated=False (what bench/plan_calibrate.py fits)."""
+    spec = P.PlanSpec(model="debug", gpus_per_node=2, reserve_gb=0, device="cpu", micro_batch=1)
+    cpu, raw, gpu = P.plan(spec), P.plan(dataclasses.replace(spec, calibrated=False)), P.plan(dataclasses.replace(spec, device="gpu"))
+    names = {e["name"]: e["bytes"] for e in cpu["extras"]}
+    assert names["framework buffers (measured)"] == P.CPU_TERMS["framework_bytes"]
+    assert names["DeepSpeed flat buffers (measured)"] == int(P.CPU_TERMS["flat_buffer_bytes_per_param"] * cpu["params"]["total"] / 2)
+    assert not any("measured" in e["name"] for e in raw["extras"] + gpu["extras"])
+    row, raw_row = (next(r for r in p["fits"] if r["selected"]) for p in (cpu, raw))
+    assert row["allocator_retention_per_clip"] == row["activation_per_clip"] - raw_row["activation_per_clip"] > 0
+    assert cpu["fixed_per_gpu"] - raw["fixed_per_gpu"] == sum(v for k, v in names.items() if "measured" in k)
+    assert "malloc arenas keep" in P.table(cpu) and "malloc arenas keep" not in P.table(gpu)
