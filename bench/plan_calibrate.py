@@ -70,13 +70,10 @@ def fit(rows: list[dict]) -> dict:
         act = np.maximum(A * (1 + share), S)
         for flat in np.arange(0.0, 12.0001, 0.1):
             rest = M - F - act - flat * P  # what the constant must cover, per case
-            # minimax over the constant: the middle of the relative-error band
-            framework = max(0.0, float(np.median(rest)))
-            for c in np.linspace(max(0.0, rest.min()), max(0.0, rest.max()), 41):
+            for c in np.linspace(max(0.0, rest.min()), max(0.0, rest.max()), 41):  # the constant, on a grid
                 err = np.abs((F + c + flat * P + act - M) / M).max()
                 if best is None or err < best[0]:
                     best = (err, c, flat, share)
-            del framework
     err, framework, flat, share = best
     return {"framework_bytes": int(round(framework / MiB)) * MiB, "flat_buffer_bytes_per_param": round(float(flat), 2),
             "allocator_share_of_activations": round(float(share), 2), "worst_relative_error": round(float(err), 3)}
@@ -98,7 +95,8 @@ def main() -> None:
         parts = {"model_states_and_named_extras": r["F"], "framework_buffers": terms["framework_bytes"],
                  "deepspeed_flat_buffers": terms["flat_buffer_bytes_per_param"] * r["P"],
                  "activations_counted": r["A"], "allocator_retention": r["A"] * terms["allocator_share_of_activations"],
-                 "optimizer_scratch": r["S"], "peak_phase": "backward" if r["A"] * (1 + terms["allocator_share_of_activations"]) >= r["S"] else "optimizer step"}
+                 "optimizer_scratch": r["S"],
+                 "peak_phase": "backward" if r["A"] * (1 + terms["allocator_share_of_activations"]) >= r["S"] else "optimizer step"}
         predicted = r["F"] + terms["framework_bytes"] + terms["flat_buffer_bytes_per_param"] * r["P"] + act
         before = r["F"] + max(r["A"], r["S"])
         report.append({"case": r["case"], "in_fit": r["case"] not in held, "measured_mib": round(r["measured"] / MiB, 1),

@@ -432,7 +432,8 @@ def plan(spec: PlanSpec) -> dict:
             counted_clip = per_clip(profile, ckpt)
             clip = int(counted_clip * (1 + allocator_share(spec)))
             rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": saved_bytes(profile, ckpt),
-                         "activation_per_clip": clip, "allocator_retention_per_clip": clip - counted_clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
+                         "activation_per_clip": clip, "allocator_retention_per_clip": clip - counted_clip,
+                         "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
                          "selected": masking == spec.masking and same_setting(ckpt, spec.checkpointing)})
     chosen = next(r for r in rows if r["selected"])
     result = {
@@ -520,7 +521,8 @@ def table(result: dict) -> str:
     lines.append(f"  = fixed                                   {gib(result['fixed_per_gpu'])}")
     lines.append(f"  optimizer-step scratch (not with acts)    {gib(result['optimizer_temporaries'])}")
     if s["device"] == "cpu" and s["calibrated"]:
-        lines.append(f"  + malloc arenas keep {CPU_TERMS['allocator_share_of_activations']:.0%} of the activations (measured; in the act/clip column)")
+        share = CPU_TERMS["allocator_share_of_activations"]
+        lines.append(f"  + malloc arenas keep {share:.0%} of the activations (measured; in the act/clip column)")
     lines.append(f"  reserve (CUDA context, allocator slack)   {gib(result['reserve'])}")
     lines += ["", "masking       checkpointing  saved/clip MiB  peak act/clip MiB  largest micro-batch (clips/GPU)"]
     for r in result["fits"]:
