@@ -80,10 +80,11 @@ def cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scaling" / "precision.json"
 
 
-def time_block(shape: BlockShape, threads: int, repeats: int = 3) -> dict:
-    """Best-of-`repeats` seconds of one block's forward + backward in fp32 and in bf16, the two
-    interleaved so that other load hits both. bf16 as DeepSpeed runs it: weights and
-    activations in bf16 (no autocast)."""
+def time_block(shape: BlockShape, threads: int, repeats: int = 3, min_seconds: float = 0.5, max_repeats: int = 50) -> dict:
+    """Best seconds of one block's forward + backward in fp32 and in bf16, the two interleaved
+    so that other load hits both: at least `repeats` rounds, more (up to `max_repeats`) until
+    `min_seconds` have been timed, so that a millisecond-sized block is not decided by one
+    scheduler hiccup. bf16 as DeepSpeed runs it: weights and activations in bf16 (no autocast)."""
     from scaling.models.vit import Block
 
     before = torch.get_num_threads()
@@ -98,7 +99,9 @@ def time_block(shape: BlockShape, threads: int, repeats: int = 3) -> dict:
         seconds = {name: [] for name in steps}
         for step in steps.values():
             step()  # warm-up: kernel selection, first allocations
-        for _ in range(repeats):
+        rounds = 0
+        while rounds < repeats or (sum(map(sum, seconds.values())) < min_seconds and rounds < max_repeats):
+            rounds += 1
             for name, step in steps.items():
                 t0 = time.perf_counter()
                 step()
@@ -130,8 +133,8 @@ def cpu_choice(shape: BlockShape, threads: int, measure=time_block) -> Choice:
             tmp.write_text(json.dumps(cache, indent=1) + "\n")
             tmp.replace(path)
     how = "measured now" if fresh else f"measured {entry['measured_at']}, cached in {path}"
-    reason = (f"one {shape.width}-wide block forward + backward on {shape.tokens} tokens took {entry['bf16_s']:.3f} s in bf16 "
-              f"vs {entry['fp32_s']:.3f} s in fp32 on {cpu_model()} with {threads} thread(s) ({how}); bf16 is chosen "
+    reason = (f"one {shape.width}-wide block forward + backward on {shape.tokens} tokens took {entry['bf16_s'] * 1e3:.3g} ms in bf16 "
+              f"vs {entry['fp32_s'] * 1e3:.3g} ms in fp32 on {cpu_model()} with {threads} thread(s) ({how}); bf16 is chosen "
               f"when it takes at most {BF16_MARGIN:.0%} of fp32's time")
     return Choice(entry["precision"], reason)
 
