@@ -31,14 +31,16 @@ MiB = 2**20
 DEFAULT_CASES = ["debug:ckpt:1", "vit_s:ckpt:1", "vit_s:plain:1", "vit_s:plain:4", "vit_b:ckpt:1", "vit_b:plain:2"]
 
 
-def run_case(model: str, checkpointing: bool, clips: int, steps: int, ds_config: str) -> list[dict]:
+def run_case(model: str, checkpointing: bool | int, clips: int, steps: int, ds_config: str, frames: int = 16,
+             precision: str = "bf16") -> list[dict]:
+    """One 2-rank run of bench/zero_steps.py; each rank's phases (RSS high-water marks) and step times."""
     from scaling.launch import free_port
 
     with tempfile.TemporaryDirectory(prefix="plan_validate_") as work:
-        overrides = [f"model.name={model}", "model.num_frames=16", "model.input_size=224",
+        overrides = [f"model.name={model}", f"model.num_frames={frames}", "model.input_size=224",
                      f"model.activation_checkpointing={str(checkpointing).lower()}", "mask.decoder=running_cell",
                      "data.source=noise", f"data.num_sample={clips}", "train.global_batch=2", "train.grad_accum=1",
-                     f"train.steps={steps}", "optim.warmup_steps=0", "train.precision=bf16", "train.zero_stage=3",
+                     f"train.steps={steps}", "optim.warmup_steps=0", f"train.precision={precision}", "train.zero_stage=3",
                      f"train.ds_config={ds_config}", f"train.output_dir={work}", "tracking.enabled=false"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", str(ROOT / "bench" / "zero_steps.py"), "--out", work,

@@ -78,12 +78,14 @@ def add_compare_parser(sub) -> None:
 def cmd_memory_plan(args) -> int:
     from scaling.memory.plan import PlanSpec, plan, table
 
+    checkpointing = not args.no_checkpointing if args.checkpoint_blocks is None else args.checkpoint_blocks
     spec = PlanSpec(
-        model=args.model, masking=args.masking, checkpointing=not args.no_checkpointing, precision=args.precision,
+        model=args.model, masking=args.masking, checkpointing=checkpointing, precision=args.precision,
         zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
         gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb, frames=args.frames,
         input_size=args.input_size, encoder_ratio=args.encoder_ratio, decoder_ratio=args.decoder_ratio,
         reserve_gb=args.reserve_gb, device=args.device, ds_config=args.ds_config, micro_batch=args.micro_batch,
+        budget_gb=args.budget_gb,
     )
     result = plan(spec)  # PlanError: one sentence, exit 2
     print(json.dumps(result, indent=1) if args.json else table(result))
@@ -100,6 +102,11 @@ def add_plan_parser(sub) -> None:
     s.add_argument("--model", default="vit_g", help="registry size: debug, vit_s, vit_b, vit_l, vit_h, vit_g")
     s.add_argument("--masking", default="dual", help="dual (VideoMAE V2) or encoder_only (VideoMAE); marks a row")
     s.add_argument("--no-checkpointing", action="store_true", help="mark the row without activation checkpointing")
+    s.add_argument("--checkpoint-blocks", type=int, default=None, metavar="N",
+                   help="mark a row with N encoder blocks checkpointed (model.activation_checkpointing=N)")
+    s.add_argument("--budget-gb", type=float, default=0.0, metavar="GIB",
+                   help="memory per rank: recommend, per masking mode, the fewest checkpointed blocks with which "
+                   "--micro-batch clips (at least 1) fit, and the largest micro-batch there")
     s.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32")
     s.add_argument("--zero-stage", type=int, default=3, help="1, 2 or 3")
     s.add_argument("--offload-optimizer", default="none", help="none, cpu or nvme (nvme: stage 3)")

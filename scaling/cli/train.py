@@ -21,6 +21,7 @@ def cmd_train(args, stage: str | None = None) -> int:
     cfg = load_config(args.config, ([f"stage={stage}"] if stage else []) + args.overrides + trust)
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
+    resolve_precision(cfg, launch.under_launcher())
     check_before_launch(cfg, probe_tracking=not launch.under_launcher())
     claim_run_folder(cfg, args, launch.under_launcher())
     if not launch.under_launcher() and cfg.train.ranks > 1:
@@ -52,6 +53,23 @@ def cmd_train(args, stage: str | None = None) -> int:
         print(f"scaling {args.command}: stopped without saving", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0 if ranks_of_a_launcher else exit_code_of_run(cfg)
+
+
+def resolve_precision(cfg, under_launcher: bool) -> None:
+    """`train.precision: auto` -> bf16/fp16/fp32 here, before the ranks start (each rank of an
+    external launcher decides itself; one per machine measures, the rest read its cache), so
+    the config saved beside the checkpoints says what was trained. Rank 0 says why."""
+    from scaling.precision import resolve_run_precision
+
+    threads = torch_threads() if under_launcher or cfg.train.ranks == 1 else max(1, (os.cpu_count() or 1) // cfg.train.ranks)
+    quiet = under_launcher and os.environ.get("RANK") != "0"
+    resolve_run_precision(cfg, threads, say=(lambda _: None) if quiet else lambda line: print(line, flush=True))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def check_before_launch(cfg, probe_tracking: bool) -> None:

@@ -85,6 +85,10 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         grid = num_tokens(get_size(m.name), m.num_frames, m.input_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    depth = get_size(m.name).depth
+    if not isinstance(m.activation_checkpointing, bool) and not 0 <= m.activation_checkpointing <= depth:
+        raise ConfigError(f"model.activation_checkpointing={m.activation_checkpointing} is not a block count of "
+                          f"{m.name} ({depth} blocks); use true, false or a number from 0 to {depth}")
     problems = [check_mask("encoder", k.encoder, grid, k.encoder_ratio, "mask.encoder", "mask.encoder_ratio", m.input_size),
                 check_mask("decoder", k.decoder, grid, k.decoder_ratio, "mask.decoder", "mask.decoder_ratio", m.input_size)]
     if problems[0]:
@@ -104,8 +108,8 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         )
     if t.max_nonfinite_steps < 1:
         raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
-    if t.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose bf16, fp16 or fp32")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose auto, bf16, fp16 or fp32")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     if check_files:

@@ -68,7 +68,10 @@ class ModelConfig:
     num_frames: int = 16
     input_size: int = 224
     drop_path: float = 0.0
-    activation_checkpointing: bool = False
+    # true (every block), false, or N: the first N encoder blocks and the same share of the
+    # decoder's / bridging head's blocks (fewer recomputed blocks, more memory; `scaling memory
+    # plan --budget-gb` picks N)
+    activation_checkpointing: bool | int = False
     head: str = "linear"  # finetune: linear (VideoMAE V2) | bridging (MAR: 2 blocks of width 512 on the kept tokens)
 
 
@@ -127,7 +130,9 @@ class TrainConfig:
     global_batch: int = 2  # videos per optimizer step over all ranks (clips = x num_sample)
     grad_accum: int = 1
     ranks: int = 1  # local processes when `scaling pretrain` launches them itself
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    # auto (bf16 on GPUs that have it, fp16 on those that do not; on CPUs whichever a timed block
+    # says is faster, scaling/precision.py) | bf16 | fp16 | fp32
+    precision: str = "auto"
     zero_stage: int = 3
     ds_config: str = "ds_configs/zero3_bf16.json"
     seed: int = 0

@@ -13,6 +13,13 @@ Per GPU at the step's peak, in bytes:
                       model + the clip and its target + under checkpointing one block recomputed);
                       they are freed before the optimizer step, whose temporaries take their place
   + reserve           CUDA context, NCCL and allocator slack: a flat guess (--reserve-gb), not measured
+  + on CPU ranks       three measured terms (CPU_TERMS): framework buffers (gloo, shared-memory comm,
+                      oneDNN, malloc arenas), DeepSpeed flat buffers per partitioned parameter, and the
+                      share of the activations glibc's arenas keep beside the next step's; fitted to the
+                      peak RSS of real 2-rank runs of debug, ViT-S and ViT-B (bench/plan_calibrate.py)
+
+Checkpointing is true, false or N: the first N encoder blocks and the same share of the
+decoder's; `--budget-gb` picks, per masking mode, the fewest blocks with which the clips fit.
 
 Activations are counted, not modelled: the project's own model, masks and loss run on meta
 tensors (`counting.meta_counting`, the GPU code path), on 1- and 2-block models extrapolated per
@@ -33,7 +40,7 @@ from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import MASKINGS, make_masks, running_cell_maps
 from scaling.memory.counting import SavedTensors, meta_counting
 from scaling.models.pretrain import VideoMAEPretrain
-from scaling.models.vit import Block, ViTSize, get_size, num_tokens
+from scaling.models.vit import Block, ViTSize, checkpoint_count, get_size, num_tokens
 from scaling.precision import DTYPES
 
 GiB = 2**30
@@ -44,6 +51,23 @@ ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9, "
                  "contiguous_gradients": True, "sub_group_size": 1e9, "buffer_count": 4}
 
 
+# What CPU ranks hold beyond the named states, buffers and counted activations: fitted to the
+# per-rank peak RSS (above an idle rank, after 3 steps) of real 2-rank ZeRO-3 bf16 runs of debug,
+# ViT-S and ViT-B (bench/plan_calibrate.py, bench/results/plan_calibration.json). Each is one
+# named term in the plan; none of them exists on a GPU's memory.
+CPU_TERMS = {
+    # gloo and shared-memory comm buffers, oneDNN primitive caches, per-thread malloc arenas
+    # and the autograd engine: the same for every size (the debug model's run is almost only this)
+    "framework_bytes": 135 * 2**20,
+    # DeepSpeed's flat buffers beyond the estimate's 18 bytes/param (fp32 gradient partition
+    # buffers, the reduce-scatter copies of a bucket), bytes per parameter of the rank's partition
+    "flat_buffer_bytes_per_param": 8.4,
+    # glibc keeps freed activation pages in its arenas and a later step allocates beside them
+    # (the peak RSS grows over the first steps): a share of the step's activations
+    "allocator_share_of_activations": 0.44,
+}
+
+
 class PlanError(UserError, ValueError):
     """A setting the user can fix; the message is one sentence naming it and the fix."""
 
@@ -52,7 +76,7 @@ class PlanError(UserError, ValueError):
 class PlanSpec:
     model: str = "vit_g"
     masking: str = "dual"  # dual (VideoMAE V2) | encoder_only (VideoMAE)
-    checkpointing: bool = True
+    checkpointing: bool | int = True  # true, false or N encoder blocks (and the same share of the decoder's)
     precision: str = "bf16"
     zero_stage: int = 3
     offload_optimizer: str = "none"  # none | cpu | nvme
@@ -68,6 +92,8 @@ class PlanSpec:
     device: str = "gpu"  # whose code path and memory: gpu, or cpu (this box: GPU memory = host RAM)
     ds_config: str = "ds_configs/zero3_bf16.json"
     micro_batch: int = 0  # clips per GPU to show the total for; 0 = only the largest that fits
+    budget_gb: float = 0.0  # GiB per rank: recommend the fewest checkpointed blocks and the largest micro-batch; 0 = no
+    calibrated: bool = True  # device cpu: add the measured terms of CPU_TERMS (False: what the model alone predicts)
 
     @property
     def gpus(self) -> int:
@@ -96,6 +122,9 @@ def validate(spec: PlanSpec) -> None:
         (0 < spec.encoder_ratio < 1, f"--encoder-ratio {spec.encoder_ratio} must be in (0, 1), e.g. 0.9"),
         (spec.device in ("gpu", "cpu"), f"unknown device '{spec.device}': choose gpu or cpu"),
         (spec.micro_batch >= 0, "--micro-batch must be 0 (largest that fits) or a clip count"),
+        (isinstance(spec.checkpointing, bool) or 0 <= spec.checkpointing <= get_size(spec.model).depth,
+         f"--checkpoint-blocks {spec.checkpointing} is not a block count of {spec.model}: use 0..{get_size(spec.model).depth}"),
+        (spec.budget_gb >= 0, "--budget-gb must be positive (GiB per rank), or 0 for no recommendation"),
     ]
     for ok, message in checks:
         if not ok:
@@ -245,7 +274,17 @@ def extras(spec: PlanSpec, total: int, largest: int, zero: dict) -> list[dict]:
                 f"buffer_count ({zero['buffer_count']}) fp32 buffers of one sub-group ({sub / 1e6:.0f} M elements)")
             add("sub-group fp32 gradient and new Adam moments", (4 + 8) * sub, "host",
                 "the fp32 gradient buffer of a sub-group and the moments AdamW creates before they are swapped out")
+    if spec.device == "cpu" and spec.calibrated:
+        add("framework buffers (measured)", CPU_TERMS["framework_bytes"], "host",
+            "gloo and shared-memory comm buffers, oneDNN caches, malloc arenas, autograd: constant, fitted to real runs")
+        add("DeepSpeed flat buffers (measured)", CPU_TERMS["flat_buffer_bytes_per_param"] * total / G, "host",
+            f"{CPU_TERMS['flat_buffer_bytes_per_param']:.2f} bytes per partitioned parameter beyond the estimate, fitted to real runs")
     return out
+
+
+def allocator_share(spec: PlanSpec) -> float:
+    """Extra activation bytes per counted byte that CPU ranks' malloc arenas hold (CPU_TERMS)."""
+    return CPU_TERMS["allocator_share_of_activations"] if spec.device == "cpu" and spec.calibrated else 0.0
 
 
 def optimizer_temporaries(spec: PlanSpec, total: int, zero: dict) -> int:
@@ -321,7 +360,7 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
     visible, decoded = int((~enc[0]).sum()), int(dec[0].sum())
     stacks = {"encoder_block": (size.width, size.heads, size.depth, visible),
               "decoder_block": (size.decoder_width, size.decoder_heads, size.decoder_depth, visible + decoded)}
-    out = {}
+    out = {"depth": {"encoder_block": size.depth, "decoder_block": size.decoder_depth}}
     for ckpt in (False, True):
         base = saved(1, 1, ckpt)
         blocks = {"encoder_block": saved(2, 1, ckpt) - base, "decoder_block": saved(1, 2, ckpt) - base}
@@ -333,8 +372,8 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
                 blocks[k] += extra
                 total += depth * extra
         out["checkpointing" if ckpt else "plain"] = total
-        if not ckpt:
-            out.update(blocks)
+        # A checkpointed block keeps only its input: what each block saves either way.
+        out.update({(f"{k}_checkpointed" if ckpt else k): v for k, v in blocks.items()})
     out["tokens"] = {"encoder": visible, "decoder": visible + decoded, "predicted": decoded}
     out["per_token"] = {"encoder_block": out["encoder_block"] / visible, "decoder_block": out["decoder_block"] / (visible + decoded)}
     # The training loop holds the fp32 clip and its fp32 normalized-pixel target (B, N, 2*p*p*3).
@@ -342,14 +381,26 @@ def activation_profile(model: str | ViTSize, masking: str, precision: str, devic
     return out
 
 
-def per_clip(profile: dict, checkpointing: bool) -> int:
+def checkpointed_counts(profile: dict, checkpointing: bool | int) -> dict:
+    """Checkpointed blocks per stack for `model.activation_checkpointing` (vit.checkpoint_count)."""
+    enc = profile["depth"]["encoder_block"]
+    return {k: checkpoint_count(checkpointing, depth, enc) for k, depth in profile["depth"].items()}
+
+
+def saved_bytes(profile: dict, checkpointing: bool | int) -> int:
+    """Bytes saved for backward per clip with `checkpointing` (true, false or N blocks): every
+    checkpointed block keeps its input instead of everything it would save."""
+    counts = checkpointed_counts(profile, checkpointing)
+    return profile["plain"] - sum(n * (profile[k] - profile[f"{k}_checkpointed"]) for k, n in counts.items())
+
+
+def per_clip(profile: dict, checkpointing: bool | int) -> int:
     """Activation bytes per clip at the backward peak: what is saved, the loop's inputs, and
-    under checkpointing the activations of the one block being recomputed."""
-    recompute = max(profile["encoder_block"], profile["decoder_block"]) if checkpointing else 0
-    return profile["checkpointing" if checkpointing else "plain"] + profile["inputs"] + recompute
+    when any block is checkpointed the activations of the largest one being recomputed."""
+    counts = checkpointed_counts(profile, checkpointing)
+    recompute = max((profile[k] for k, n in counts.items() if n), default=0)
+    return saved_bytes(profile, checkpointing) + profile["inputs"] + recompute
 
-
-# ---------------------------------------------------------------- the plan
 
 def largest_micro_batch(budget: int, fixed: int, clip: int, optimizer_scratch: int) -> int:
     """Most clips with fixed + max(clips x clip, optimizer scratch) <= budget (0: nothing fits)."""
@@ -373,14 +424,17 @@ def plan(spec: PlanSpec) -> dict:
     scratch = optimizer_temporaries(spec, total, zero)
     budget = int(spec.gpu_memory_gb * GiB) - int(spec.reserve_gb * GiB)
     rows = []
+    settings = [False, True] + ([] if isinstance(spec.checkpointing, bool) else [spec.checkpointing])
     for masking in MASKINGS:
         profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
                                      spec.encoder_ratio, spec.decoder_ratio)
-        for ckpt in (False, True):
-            clip = per_clip(profile, ckpt)
-            rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": profile["checkpointing" if ckpt else "plain"],
-                         "activation_per_clip": clip, "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
-                         "selected": masking == spec.masking and ckpt == spec.checkpointing})
+        for ckpt in settings:
+            counted_clip = per_clip(profile, ckpt)
+            clip = int(counted_clip * (1 + allocator_share(spec)))
+            rows.append({"masking": masking, "checkpointing": ckpt, "saved_per_clip": saved_bytes(profile, ckpt),
+                         "activation_per_clip": clip, "allocator_retention_per_clip": clip - counted_clip,
+                         "largest_micro_batch": largest_micro_batch(budget, fixed, clip, scratch),
+                         "selected": masking == spec.masking and same_setting(ckpt, spec.checkpointing)})
     chosen = next(r for r in rows if r["selected"])
     result = {
         "spec": dataclasses.asdict(spec),
@@ -399,14 +453,48 @@ def plan(spec: PlanSpec) -> dict:
     }
     if spec.micro_batch:
         result["at_micro_batch"] = {"clips": spec.micro_batch, **peak(result, spec.micro_batch)}
+    if spec.budget_gb:
+        result["budget"] = recommend(spec, fixed, scratch)
     return result
 
 
-def peak(result: dict, clips: int, masking: str | None = None, checkpointing: bool | None = None) -> dict:
+def same_setting(a: bool | int, b: bool | int) -> bool:
+    """`model.activation_checkpointing` values compared as written: 1 is one block, not true."""
+    return type(a) is type(b) and a == b
+
+
+def recommend(spec: PlanSpec, fixed: int, scratch: int) -> dict:
+    """Per masking mode, for `--budget-gb` per rank: the fewest checkpointed encoder blocks N
+    with which `--micro-batch` clips (at least 1) fit, and the largest micro-batch at that N.
+    Fewer blocks recompute less, so this N is the fastest setting that fits; a larger budget
+    never asks for more blocks. {"fits": False, ...} when even every block checkpointed does not."""
+    budget = int(spec.budget_gb * GiB) - int(spec.reserve_gb * GiB)
+    clips = max(spec.micro_batch, 1)
+    out = {"budget_gb": spec.budget_gb, "budget_per_rank": budget, "clips": clips, "by_masking": {}}
+    for masking in MASKINGS:
+        profile = activation_profile(spec.model, masking, spec.precision, spec.device, spec.frames, spec.input_size,
+                                     spec.encoder_ratio, spec.decoder_ratio)
+        depth = profile["depth"]["encoder_block"]
+        clips_of = [int(per_clip(profile, n) * (1 + allocator_share(spec))) for n in range(depth + 1)]
+        sweep = [{"blocks": n, "activation_per_clip": c, "largest_micro_batch": largest_micro_batch(budget, fixed, c, scratch)}
+                 for n, c in enumerate(clips_of)]
+        pick = next((r for r in sweep if r["largest_micro_batch"] >= clips), None)
+        least = fixed + max(clips * sweep[-1]["activation_per_clip"], scratch)
+        out["by_masking"][masking] = {
+            "fits": pick is not None, "sweep": sweep,
+            **({"checkpoint_blocks": pick["blocks"], "largest_micro_batch": pick["largest_micro_batch"],
+                "peak": fixed + max(clips * pick["activation_per_clip"], scratch)} if pick else
+               {"least_needed": least}),
+        }
+    return out
+
+
+def peak(result: dict, clips: int, masking: str | None = None, checkpointing: bool | int | None = None) -> dict:
     """Predicted peak per GPU (without the reserve) for `clips` per GPU, by phase."""
     spec = result["spec"]
+    want = spec["checkpointing"] if checkpointing is None else checkpointing
     row = next(r for r in result["fits"] if r["masking"] == (masking or spec["masking"])
-               and r["checkpointing"] == (spec["checkpointing"] if checkpointing is None else checkpointing))
+               and same_setting(r["checkpointing"], want))
     backward = result["fixed_per_gpu"] + clips * row["activation_per_clip"]
     step = result["fixed_per_gpu"] + result["optimizer_temporaries"]
     return {"forward_backward": backward, "optimizer_step": step, "peak": max(backward, step),
@@ -432,14 +520,34 @@ def table(result: dict) -> str:
         lines.append(f"  + {e['name'] + (' (host)' if e['where'] == 'host' else ''):<39s}{gib(e['bytes'])}")
     lines.append(f"  = fixed                                   {gib(result['fixed_per_gpu'])}")
     lines.append(f"  optimizer-step scratch (not with acts)    {gib(result['optimizer_temporaries'])}")
+    if s["device"] == "cpu" and s["calibrated"]:
+        share = CPU_TERMS["allocator_share_of_activations"]
+        lines.append(f"  + malloc arenas keep {share:.0%} of the activations (measured; in the act/clip column)")
     lines.append(f"  reserve (CUDA context, allocator slack)   {gib(result['reserve'])}")
     lines += ["", "masking       checkpointing  saved/clip MiB  peak act/clip MiB  largest micro-batch (clips/GPU)"]
     for r in result["fits"]:
         mark = "  <-" if r["selected"] else ""
-        lines.append(f"{r['masking']:<13s} {'yes' if r['checkpointing'] else 'no':<14s} {r['saved_per_clip'] / 2**20:14.1f} "
+        ckpt = r["checkpointing"]
+        said = ("yes" if ckpt else "no") if isinstance(ckpt, bool) else f"{ckpt} blocks"
+        lines.append(f"{r['masking']:<13s} {said:<14s} {r['saved_per_clip'] / 2**20:14.1f} "
                      f"{r['activation_per_clip'] / 2**20:18.1f}  {r['largest_micro_batch']:>10d}{mark}")
     if "at_micro_batch" in result:
         a = result["at_micro_batch"]
         lines.append(f"\nat {a['clips']} clips per GPU: peak {a['peak'] / GiB:.2f} GiB + reserve -> "
                      f"{'fits' if a['fits'] else 'does NOT fit'} in {s['gpu_memory_gb']:g} GiB")
+    if "budget" in result:
+        lines += budget_lines(result["budget"])
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict) -> list[str]:
+    """The --budget-gb recommendation, one line per masking mode."""
+    lines = [f"\nin {budget['budget_gb']:g} GiB per rank (less the reserve), {budget['clips']}+ clips per rank:"]
+    for masking, r in budget["by_masking"].items():
+        if r["fits"]:
+            lines.append(f"  {masking:<13s} model.activation_checkpointing={r['checkpoint_blocks']}, micro-batch up to "
+                         f"{r['largest_micro_batch']} (peak {r['peak'] / GiB:.2f} GiB at {budget['clips']})")
+        else:
+            lines.append(f"  {masking:<13s} nothing fits: even with every block checkpointed {budget['clips']} clip(s) "
+                         f"need {r['least_needed'] / GiB:.2f} GiB; use more ranks, offload or a larger budget")
+    return lines

@@ -58,7 +58,7 @@ class BridgingBlocks(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_width, shape.width, bias=False)
         self.blocks = nn.ModuleList(vit.Block(shape.width, shape.heads, shape.mlp_ratio) for _ in range(shape.depth))
-        self.grad_checkpointing = False
+        self.grad_checkpointing = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, N, 512)
@@ -151,11 +151,12 @@ class VideoClassifier(nn.Module):
             nn.init.zeros_(module.bias)
         # The Conv3d tubelet embedding keeps PyTorch's default init, as in the public model.
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for part in (self.bridge, getattr(self.reconstruction, "decoder", None)):
-            if part is not None:
-                part.grad_checkpointing = enable
+    def set_grad_checkpointing(self, setting: bool | int = True, placement: str = "first") -> None:
+        """true / false, or N: N encoder blocks and the same share of the bridging head's and the
+        reconstruction decoder's blocks (vit.checkpoint_count)."""
+        for stack in (self, self.bridge, getattr(self.reconstruction, "decoder", None)):
+            if stack is not None:
+                vit.set_stack_checkpointing(stack, setting, self.size.depth, placement)
 
     def no_weight_decay(self) -> set[str]:
         # The only position table is a buffer and there is no cls token; the decoder's mask

@@ -18,6 +18,7 @@ from scaling.models.vit import (
     init_vit_weights,
     layer_id_for,
     run_blocks,
+    set_stack_checkpointing,
     sincos_position_table,
 )
 
@@ -60,7 +61,7 @@ class VideoMAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(size.decoder_width, eps=1e-6)
         self.head = nn.Linear(size.decoder_width, out)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = frozenset()
 
     def forward(self, x: torch.Tensor, num_predicted: int) -> torch.Tensor:
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
@@ -88,9 +89,10 @@ class VideoMAEPretrain(nn.Module):
     def grid(self) -> tuple[int, int, int]:
         return self.encoder.grid
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.grad_checkpointing = enable
-        self.decoder.grad_checkpointing = enable
+    def set_grad_checkpointing(self, setting: bool | int = True, placement: str = "first") -> None:
+        """true / false, or N: N encoder blocks and the same share of the decoder's (vit.checkpoint_count)."""
+        for stack in (self.encoder, self.decoder):
+            set_stack_checkpointing(stack, setting, self.size.depth, placement)
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor) -> torch.Tensor:
         visible_index = positions_of(~encoder_mask)  # (B, N_vis)

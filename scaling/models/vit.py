@@ -8,6 +8,7 @@ This module knows nothing of DeepSpeed, MLflow or Slurm (DESIGN rule 1).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -143,19 +144,56 @@ def add_video_trunk(module: nn.Module, size: ViTSize, num_frames: int, image_siz
     # Fixed, so a buffer: never trained and never saved (the public checkpoints hold none).
     module.register_buffer("pos_embed", sincos_position_table(n, size.width), persistent=False)
     module.blocks = nn.ModuleList(Block(size.width, size.heads, size.mlp_ratio, r) for r in drop_path_rates(drop_path, size.depth))
-    module.grad_checkpointing = False
+    module.grad_checkpointing = frozenset()  # indices of the blocks run under checkpointing
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Run blocks in order, each under activation checkpointing when asked and training."""
-    for block in blocks:
-        if grad_checkpointing and block.training and torch.is_grad_enabled():
+PLACEMENTS = ("first", "spread")
+
+
+def checkpoint_count(setting: bool | int, depth: int, encoder_depth: int) -> int:
+    """How many blocks of a `depth`-block stack to checkpoint for `model.activation_checkpointing`
+    (true: all, false: none, N: N of the encoder's `encoder_depth` blocks). Other stacks (the
+    decoder, the bridging head) take the same share, rounded up, so any N > 0 reaches them too."""
+    if setting is True or setting is False:
+        return depth if setting else 0
+    if not 0 <= setting <= encoder_depth:
+        raise ValueError(f"activation checkpointing of {setting} blocks: choose true, false or 0..{encoder_depth}")
+    return math.ceil(setting * depth / encoder_depth)
+
+
+def checkpointed_blocks(depth: int, count: int, placement: str = "first") -> frozenset[int]:
+    """Indices of the `count` blocks (of `depth`) to run under checkpointing.
+
+    first: blocks 0..count-1, as InternVideo2's `checkpoint_num`. Backward reaches them last,
+    when the later blocks' saved tensors are already freed, so their recompute does not add to
+    the peak. spread: evenly spaced (0, depth/count, ...), the same bytes saved and the same
+    recompute, but the last block may be recomputed while everything else is still held
+    (bench/checkpoint_sweep.py measures both)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown checkpoint placement '{placement}': choose first or spread")
+    if placement == "first":
+        return frozenset(range(count))
+    return frozenset(i * depth // count for i in range(count))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool | frozenset[int]) -> torch.Tensor:
+    """Run blocks in order; those selected (all for True, the given indices for a set) run under
+    activation checkpointing when training."""
+    for i, block in enumerate(blocks):
+        selected = grad_checkpointing if isinstance(grad_checkpointing, bool) else i in grad_checkpointing
+        if selected and block.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing recomputes the block in backward; it works with
             # ZeRO-3's parameter hooks and with inputs that need no grad.
             x = checkpoint(block, x, use_reentrant=False)
         else:
             x = block(x)
     return x
+
+
+def set_stack_checkpointing(stack: nn.Module, setting: bool | int, encoder_depth: int, placement: str = "first") -> None:
+    """Give a module with `blocks` its share of checkpointed blocks (see `checkpoint_count`)."""
+    depth = len(stack.blocks)
+    stack.grad_checkpointing = checkpointed_blocks(depth, checkpoint_count(setting, depth, encoder_depth), placement)
 
 
 def init_vit_weights(module: nn.Module) -> None:
