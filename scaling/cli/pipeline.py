@@ -9,8 +9,11 @@ def cmd_run(args) -> int:
     from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
     from scaling.train.signals import EXIT_STOPPED
 
+    start = getattr(args, "from")
+    if start:
+        note_from(args.pipeline, args.overrides, start)
     try:
-        summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
+        summary = run_pipeline(args.pipeline, args.overrides, start=start, until=args.until)
     except StageStoppedEarly as e:
         print(f"[pipeline] {e}", flush=True)
         return EXIT_STOPPED
@@ -22,11 +25,36 @@ def cmd_run(args) -> int:
     return 0
 
 
+def note_from(path: str, overrides: list[str], start: str) -> None:
+    """`--from X` runs no stage before X and, like a plain run, skips a stage that finished with
+    its current config and starting weights: say which stages that leaves out, and why."""
+    from scaling.pipeline.slurm import done_already
+    from scaling.pipeline.spec import load_pipeline
+
+    pipe = load_pipeline(path, overrides, only="")
+    names = [s.name for s in pipe.stages]
+    if start not in names:
+        return  # the run itself refuses it in one sentence
+    for stage in pipe.stages:
+        done = done_already(pipe, stage)
+        if names.index(stage.name) < names.index(start):
+            state = f"finished, weights {stage.export}" if done else "not finished with its current config"
+            print(f"[pipeline] {stage.name}: not run (before --from {start}); {state}", flush=True)
+        elif done:
+            print(f"[pipeline] {stage.name}: will be skipped: it finished with this config and these starting weights "
+                  f"({stage.dir / 'DONE.json'}); --from picks where to start, it does not force a re-run: change "
+                  f"one of its keys or move {stage.dir} aside to train it again", flush=True)
+
+
 def cmd_submit(args) -> int:
     from scaling.pipeline.slurm import submit_pipeline
 
     # no Slurm here (SlurmMissing), or sbatch refused a job (SbatchRefused): one sentence, exit 2
     plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
+    for step in plan:
+        for line in step.get("missing", []):
+            print(f"[pipeline] warning: stage '{step['stage']}': {line}; make it before the job starts, "
+                  "or fix the path", flush=True)
     for step in plan:
         if "finished" in step:
             print(f"[pipeline] {step['stage']}: finished earlier, not submitted (weights {step['finished']})")
@@ -69,12 +97,14 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
 
     def common(s):
         s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/smoke.yaml")
-        s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1")
+        s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1 "
+                                                     "(anywhere on the line)")
 
     s = sub.add_parser("run", help="run the stages on local ranks, in order (finished stages are skipped, "
                                    "an interrupted one resumes)")
     common(s)
-    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
+    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished); a stage "
+                                                "that finished with its current config is skipped all the same")
     s.add_argument("--until", default=None, help="last stage to run")
     s.set_defaults(func=cmd_run)
 
@@ -84,7 +114,8 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--sbatch", action="append", default=[], metavar="ARG",
                    help="extra sbatch argument for every job, e.g. --sbatch=--account=vid (repeatable)")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting; "
+                   "needs neither Slurm nor the data (missing shards are warned about, one line each)")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("show", help="each stage's effective values (lr, steps, batch split, sampling, ...); "
