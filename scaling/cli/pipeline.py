@@ -3,23 +3,70 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
+from contextlib import contextmanager
+
+QUIET_S = 10  # the longest a pipeline run leaves the terminal silent
+
+
+@contextmanager
+def heartbeat(every: float = QUIET_S):
+    """While the block runs, print "[pipeline] ... working (N s)" whenever this process has
+    written nothing for `every` seconds: start-up (imports, the MLflow store), the export and
+    bookkeeping between stages say nothing for tens of seconds on a busy machine. The ranks
+    write to the terminal directly, so a running stage stays quiet only by the runner's own
+    progress lines."""
+    start = last = time.monotonic()
+    done = threading.Event()
+
+    class Stamped:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text):
+            nonlocal last
+            last = time.monotonic()
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    def beat():
+        while not done.wait(1.0):
+            now = time.monotonic()
+            if now - last >= every:
+                print(f"[pipeline] ... working ({now - start:.0f} s)", flush=True)  # through Stamped: resets `last`
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Stamped(sys.stdout), Stamped(sys.stderr)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sys.stdout, sys.stderr = saved
 
 
 def cmd_run(args) -> int:
-    from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
-    from scaling.train.signals import EXIT_STOPPED
-
     start = getattr(args, "from")
-    if start:
-        note_from(args.pipeline, args.overrides, start)
-    try:
-        summary = run_pipeline(args.pipeline, args.overrides, start=start, until=args.until)
-    except StageStoppedEarly as e:
-        print(f"[pipeline] {e}", flush=True)
-        return EXIT_STOPPED
-    except StageFailed as e:  # the ranks' traceback is in the log the sentence names
-        print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    with heartbeat():
+        print(f"[pipeline] {args.pipeline}: checking every stage and the MLflow store", flush=True)
+        from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
+        from scaling.train.signals import EXIT_STOPPED
+
+        try:
+            if start:
+                note_from(args.pipeline, args.overrides, start)
+            summary = run_pipeline(args.pipeline, args.overrides, start=start, until=args.until)
+        except StageStoppedEarly as e:
+            print(f"[pipeline] {e}", flush=True)
+            return EXIT_STOPPED
+        except StageFailed as e:  # the ranks' traceback is in the log the sentence names
+            print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
+            return 1
     for name, info in summary.items():
         print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0
