@@ -9,11 +9,11 @@ RANKS ?= 2
 
 .PHONY: setup demo pretrain test test-fast lint bench clean
 
-# $(call beat,WHAT,COMMAND): echo COMMAND and run it, printing "  ... WHAT (N s)" every 10 s
-# until it ends, so that no step of set-up or the demo leaves the terminal silent for longer
+# $(call beat,WHAT,COMMAND): echo COMMAND and run it, printing "  ... WHAT (N s)" every 9 s
+# until it ends, so that no step of set-up or the demo leaves the terminal silent for 10 s
 # (pip -q and the op build say nothing for minutes). sleep's output goes to /dev/null so that
 # a heartbeat killed mid-sleep leaves nothing holding the terminal or a pipe open.
-beat = @echo '$(2)'; ( while sleep 10 >/dev/null 2>&1; do echo "  ... $(1) ($$SECONDS s)"; done ) & hb=$$!; \
+beat = @echo '$(2)'; ( while sleep 9 >/dev/null 2>&1; do echo "  ... $(1) ($$SECONDS s)"; done ) & hb=$$!; \
 	$(2); rc=$$?; kill $$hb 2>/dev/null; exit $$rc
 
 setup: $(STAMP)

@@ -61,7 +61,7 @@ CHECKS = {  # README line -> a text its output must hold
 
 ELSEWHERE = {
     "make test": ".ci/run",
-    ".venv/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=100 mask.decoder=none":
+    ".venv/bin/scaling pretrain --config pipelines/pretrain_smoke.yaml train.steps=100":
         "tests/integration/test_distributed.py::test_loss_falls_on_synthetic_shards",
     ".venv/bin/scaling export runs/pretrain_smoke":
         "tests/integration/test_distributed.py::test_export_loads_strictly_into_a_plain_model",
