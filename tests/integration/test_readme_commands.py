@@ -4,11 +4,11 @@ it, so the README cannot drift from the code.
 How to add a command to the README: write it in a ```bash block (one command a line, a
 trailing `# comment` is fine), then give it exactly one entry below:
 - RUN, when it costs seconds: the README line -> the line this test runs instead ("" = the
-  line itself; a smaller size where the README shows a real one). It runs with bash in a
-  folder holding the README's example inputs (`readme_inputs`: videos/, k400/*.csv,
-  k400_videos/, ssv2_train.txt with its frame folders, and the checkout's pipelines/,
-  ds_configs/ and slurm/); a `.venv/bin/scaling` line runs as `scaling.cli.main` in this
-  process, any other line with bash in the checkout. Its exit code must be 0 and, where
+  line itself; a smaller size where the README shows a real one). A `.venv/bin/scaling`
+  line runs as `scaling.cli.main` in this process, in a folder holding the README's example
+  inputs (`readme_inputs`: videos/, k400/*.csv, k400_videos/, ssv2_train.txt with its frame
+  folders, and the checkout's pipelines/, ds_configs/ and slurm/; add what a new command
+  reads there); any other line runs with bash in the checkout. Its exit code must be 0 and, where
   CHECKS names a text, its output must hold it.
 - ELSEWHERE, when it trains or needs Slurm: the README line -> "tests/<path>.py::<function>"
   of the test that runs it (the function must exist), or ".ci/run" for what CI runs itself.
@@ -31,7 +31,9 @@ from scaling.cli import main
 README = REPO / "README.md"
 
 RUN = {
-    "make demo": "make -n demo",  # what it runs: synth (below) + the smoke pipeline (ELSEWHERE's tests run it)
+    # `make -n`: the target exists and what it runs (synth, run below; the smoke pipeline,
+    # which tests/integration/test_pipeline.py runs shortened; bench/ measured the whole demo)
+    "make demo": "make -n demo",
     "make test-fast": "make -n test-fast",
     ".venv/bin/scaling shard --input videos/ --out shards/mine --short-side 320 --workers 8": "",
     ".venv/bin/scaling labels k710 --k400-train k400/train.csv --k400-val k400/validate.csv --out labels/": "",
