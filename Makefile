@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	  if [ "$$(id -u)" = 0 ]; then echo "installing system packages: g++ libaio-dev ffmpeg python3-venv"; \
 	    apt-get update -qq && apt-get install -y -qq g++ libaio-dev ffmpeg python3-venv >/dev/null; \
 	  else echo "please install g++, libaio-dev, ffmpeg and python3-venv (apt-get install g++ libaio-dev ffmpeg python3-venv)"; exit 1; fi; fi
-	test -x $(PY) || python3 -m venv $(VENV)
+	$(call beat,making the venv,test -x $(PY) || python3 -m venv $(VENV))
 	$(call beat,upgrading pip,$(PY) -m pip install -q --upgrade pip wheel setuptools)
 	@echo "installing the pinned packages of pyproject.toml into $(VENV) (about 4 min on a fresh machine)"
 	$(call beat,installing packages,$(PY) -m pip install -q -e '.[test]')
