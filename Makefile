@@ -9,6 +9,13 @@ RANKS ?= 2
 
 .PHONY: setup demo pretrain test test-fast lint bench clean
 
+# $(call beat,WHAT,COMMAND): echo COMMAND and run it, printing "  ... WHAT (N s)" every 9 s
+# until it ends, so that no step of set-up or the demo leaves the terminal silent for 10 s
+# (pip -q and the op build say nothing for minutes). sleep's output goes to /dev/null so that
+# a heartbeat killed mid-sleep leaves nothing holding the terminal or a pipe open.
+beat = @echo '$(2)'; ( while sleep 9 >/dev/null 2>&1; do echo "  ... $(1) ($$SECONDS s)"; done ) & hb=$$!; \
+	$(2); rc=$$?; kill $$hb 2>/dev/null; exit $$rc
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,18 +28,19 @@ $(STAMP): pyproject.toml
 	  if [ "$$(id -u)" = 0 ]; then echo "installing system packages: g++ libaio-dev ffmpeg python3-venv"; \
 	    apt-get update -qq && apt-get install -y -qq g++ libaio-dev ffmpeg python3-venv >/dev/null; \
 	  else echo "please install g++, libaio-dev, ffmpeg and python3-venv (apt-get install g++ libaio-dev ffmpeg python3-venv)"; exit 1; fi; fi
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[test]'
+	$(call beat,making the venv,test -x $(PY) || python3 -m venv $(VENV))
+	$(call beat,upgrading pip,$(PY) -m pip install -q --upgrade pip wheel setuptools)
+	@echo "installing the pinned packages of pyproject.toml into $(VENV) (about 4 min on a fresh machine)"
+	$(call beat,installing packages,$(PY) -m pip install -q -e '.[test]')
 	@echo "building DeepSpeed's shm_comm op into $(VENV)/torch_extensions (once per venv, ~2 min on 2 cores)"
-	$(PY) -c "import scaling; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(call beat,building the op,$(PY) -c "import scaling; from deepspeed.comm.torch import build_shm_op; build_shm_op()")
 	touch $(STAMP)
 
 data/synth/synth-000003.tar: | $(STAMP)
-	$(VENV)/bin/scaling synth --out data/synth --num-videos 64 --per-shard 16
+	$(call beat,writing synthetic videos,$(VENV)/bin/scaling synth --out data/synth --num-videos 64 --per-shard 16)
 
 data/synth_val/synth-000001.tar: | $(STAMP)
-	$(VENV)/bin/scaling synth --out data/synth_val --num-videos 32 --per-shard 16 --seed 1
+	$(call beat,writing synthetic videos,$(VENV)/bin/scaling synth --out data/synth_val --num-videos 32 --per-shard 16 --seed 1)
 
 # The three-stage pipeline at debug size on 2 local ranks (ZeRO-3, bf16, activation
 # checkpointing): dual-masking pre-training -> post-pre-training -> fine-tuning + multi-view

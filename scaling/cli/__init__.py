@@ -41,8 +41,22 @@ def _name_commands(parser: argparse.ArgumentParser) -> None:
                 _name_commands(sp)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """As argparse, except that `key=value` overrides may come anywhere on the line: argparse
+    fills a `nargs="*"` positional once, so in `pipeline run p.yaml --from x a.b=1` the
+    override after the option comes back unparsed. Those words join the command's overrides
+    (later ones win); anything else unparsed is refused as argparse would."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (UserError, FileNotFoundError) as e:

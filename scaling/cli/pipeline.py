@@ -2,24 +2,110 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
+
+QUIET_S = 8  # a pipeline run is never silent for 10 s: 8 s plus a busy machine's scheduling delays
+
+
+@contextmanager
+def heartbeat(every: float = QUIET_S):
+    """While the block runs, print "[pipeline] ... working (N s)" whenever this process has
+    written nothing for `every` seconds (QUIET_S): start-up (imports, the MLflow store), the export and
+    bookkeeping between stages say nothing for tens of seconds on a busy machine. The ranks
+    write to the terminal directly, so a running stage stays quiet only by the runner's own
+    progress lines."""
+    start = last = time.monotonic()
+    done = threading.Event()
+
+    class Stamped:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text):
+            nonlocal last
+            last = time.monotonic()
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    def beat():
+        while not done.wait(0.5):
+            now = time.monotonic()
+            if now - last >= every:
+                print(f"[pipeline] ... working ({now - start:.0f} s)", flush=True)  # through Stamped: resets `last`
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Stamped(sys.stdout), Stamped(sys.stderr)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sys.stdout, sys.stderr = saved
+
+
+def beat_until_exit(every: int = QUIET_S, longest: int = 120) -> None:
+    """After the last line, the interpreter's teardown (torch's libraries unloading) takes
+    seconds, silent, with no Python left to speak (8 s at load 13 here). A small shell outlives
+    the Python code and says so every `every` s until this process is gone (at most `longest`
+    s). Only when `scaling` is the program: a test calling main() in-process lives on."""
+    if os.path.basename(sys.argv[0]) not in ("scaling", "__main__.py"):
+        return
+    script = (f'n=0; t=0; while kill -0 {os.getpid()} 2>/dev/null && [ $t -lt {longest} ]; do sleep 1; '
+              f'n=$((n+1)); t=$((t+1)); if [ $n -ge {every} ]; then echo "[pipeline] ... exiting ($t s)"; n=0; fi; done')
+    subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL)
 
 
 def cmd_run(args) -> int:
-    from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
-    from scaling.train.signals import EXIT_STOPPED
+    start = getattr(args, "from")
+    with heartbeat():
+        print(f"[pipeline] {args.pipeline}: checking every stage and the MLflow store", flush=True)
+        from scaling.pipeline import StageFailed, StageStoppedEarly, run_pipeline
+        from scaling.train.signals import EXIT_STOPPED
 
-    try:
-        summary = run_pipeline(args.pipeline, args.overrides, start=getattr(args, "from"), until=args.until)
-    except StageStoppedEarly as e:
-        print(f"[pipeline] {e}", flush=True)
-        return EXIT_STOPPED
-    except StageFailed as e:  # the ranks' traceback is in the log the sentence names
-        print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        try:
+            if start:
+                note_from(args.pipeline, args.overrides, start)
+            summary = run_pipeline(args.pipeline, args.overrides, start=start, until=args.until)
+        except StageStoppedEarly as e:
+            print(f"[pipeline] {e}", flush=True)
+            return EXIT_STOPPED
+        except StageFailed as e:  # the ranks' traceback is in the log the sentence names
+            print(f"scaling pipeline run: error: {e}", file=sys.stderr, flush=True)
+            return 1
     for name, info in summary.items():
-        print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        print(f"[pipeline] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    beat_until_exit()
     return 0
+
+
+def note_from(path: str, overrides: list[str], start: str) -> None:
+    """`--from X` runs no stage before X and, like a plain run, skips a stage that finished with
+    its current config and starting weights: say which stages that leaves out, and why."""
+    from scaling.pipeline.slurm import done_already
+    from scaling.pipeline.spec import load_pipeline
+
+    pipe = load_pipeline(path, overrides, only="")
+    names = [s.name for s in pipe.stages]
+    if start not in names:
+        return  # the run itself refuses it in one sentence
+    for stage in pipe.stages:
+        done = done_already(pipe, stage)
+        if names.index(stage.name) < names.index(start):
+            state = f"finished, weights {stage.export}" if done else "not finished with its current config"
+            print(f"[pipeline] {stage.name}: not run (before --from {start}); {state}", flush=True)
+        elif done:
+            print(f"[pipeline] {stage.name}: will be skipped: it finished with this config and these starting weights "
+                  f"({stage.dir / 'DONE.json'}); --from picks where to start, it does not force a re-run: change "
+                  f"one of its keys or move {stage.dir} aside to train it again", flush=True)
 
 
 def cmd_submit(args) -> int:
@@ -27,6 +113,10 @@ def cmd_submit(args) -> int:
 
     # no Slurm here (SlurmMissing), or sbatch refused a job (SbatchRefused): one sentence, exit 2
     plan = submit_pipeline(args.pipeline, args.overrides, args.sbatch, dry_run=args.dry_run)
+    for step in plan:
+        for line in step.get("missing", []):
+            print(f"[pipeline] warning: stage '{step['stage']}': {line}; make it before the job starts, "
+                  "or fix the path", flush=True)
     for step in plan:
         if "finished" in step:
             print(f"[pipeline] {step['stage']}: finished earlier, not submitted (weights {step['finished']})")
@@ -69,12 +159,14 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
 
     def common(s):
         s.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/smoke.yaml")
-        s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1")
+        s.add_argument("overrides", nargs="*", help="overrides such as stages.finetune.train.epochs=2 or ranks=1 "
+                                                     "(anywhere on the line)")
 
     s = sub.add_parser("run", help="run the stages on local ranks, in order (finished stages are skipped, "
                                    "an interrupted one resumes)")
     common(s)
-    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished)")
+    s.add_argument("--from", default=None, help="first stage to run (earlier ones must have finished); a stage "
+                                                "that finished with its current config is skipped all the same")
     s.add_argument("--until", default=None, help="last stage to run")
     s.set_defaults(func=cmd_run)
 
@@ -84,7 +176,8 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--sbatch", action="append", default=[], metavar="ARG",
                    help="extra sbatch argument for every job, e.g. --sbatch=--account=vid (repeatable)")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting; "
+                   "needs neither Slurm nor the data (missing shards are warned about, one line each)")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("show", help="each stage's effective values (lr, steps, batch split, sampling, ...); "

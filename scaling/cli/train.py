@@ -6,8 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-from scaling.config import ConfigError
-
 TRUST_HELP = ("load checkpoints from elsewhere (finetune.init_from, export folders) with full unpickling, which "
               "can run code stored in the file; only for files whose origin you trust")
 
@@ -76,6 +74,7 @@ def check_before_launch(cfg, probe_tracking: bool) -> None:
     """What a single run can check beyond `validate`: no pipeline around it (a pipeline hands
     its ranks a resolved path, never 'previous'), and, in the launching process only, an MLflow
     store the ranks can write (an unwritable or corrupt store would fail them after start-up)."""
+    from scaling.config import ConfigError  # here: the parser is built without importing torch
     if cfg.stage == "finetune" and cfg.finetune.init_from == "previous":
         raise ConfigError("finetune.init_from=previous means the previous stage of a pipeline, and this is a single "
                           "run; give a checkpoint file (e.g. <pretrain run>/export/model_fp32.pt) or run the stages "
@@ -89,6 +88,7 @@ def check_before_launch(cfg, probe_tracking: bool) -> None:
 def claim_run_folder(cfg, args, under_launcher: bool) -> None:
     """One run per output folder, and a resume keeps the experiment's config (or says so),
     before any rank starts. Ranks started by `scaling` itself were checked by it."""
+    from scaling.config import ConfigError  # here: the parser is built without importing torch
     from scaling.train.resume_check import check_resume
     from scaling.train.run_lock import LOCK_ENV, lock_run_folder
 
@@ -136,6 +136,7 @@ def exit_code_of_run(cfg) -> int:
 def cmd_export(args) -> int:
     """A run folder's checkpoint -> fp32 `.pt` (always), then the asked format beside it; or an
     existing `.pt` export -> safetensors / a transformers folder."""
+    from scaling.config import ConfigError  # here: the parser is built without importing torch
     src = Path(args.run)
     if src.is_file():
         if args.format == "pt":
@@ -161,6 +162,7 @@ def cmd_export(args) -> int:
 
 def export_formats(pt_file: Path, args) -> int:
     """Our `.pt` export as safetensors (+ JSON of its run config) or a transformers VideoMAE folder."""
+    from scaling.config import ConfigError  # here: the parser is built without importing torch
     from scaling.models.convert import load_checkpoint_file
     from scaling.models.export_hf import ExportFormatError, write_hf_folder, write_safetensors
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from scaling.config import REPO_ROOT, ConfigError
+from scaling.config import REPO_ROOT, ConfigError, RunConfig, data_sources, resolve_ds_config, validate
+from scaling.data.sources import expand_shards
 from scaling.errors import UserError
 from scaling.pipeline.lineage import Lineage
 from scaling.pipeline.spec import Pipeline, Stage, load_pipeline
@@ -100,13 +101,19 @@ def queued_jobs(name: str) -> list[str]:
 
 
 def submit_pipeline(path: str, overrides: list[str] = (), extra_sbatch: list[str] = (), dry_run: bool = False) -> list[dict]:
-    """Submit the unfinished stages; returns [{"stage", "job_id" | "finished" | "sbatch"}] in order."""
+    """Submit the unfinished stages; returns [{"stage", "job_id" | "finished" | "sbatch"}] in order.
+    A dry run checks the values only and lists each stage's missing inputs under "missing"
+    (shards and weights not made yet), so the jobs can be previewed before the data exists."""
     pipe = load_pipeline(path, overrides, only="")  # typed here; each stage is validated below
     shapes = job_shapes(pipe)
+    missing = {}
     for stage in pipe.stages:  # for the rank count its own job will have
-        shape = shapes[stage.name]
-        load_pipeline(path, [*overrides, f"ranks={shape.nodes * shape.gpus_per_node}"], only=stage.name)
-    if shutil.which("sbatch") is None:
+        ranks = shapes[stage.name].nodes * shapes[stage.name].gpus_per_node
+        if dry_run:
+            missing[stage.name] = check_values(path, overrides, stage.name, ranks)
+        else:  # everything, files included, before any sbatch
+            load_pipeline(path, [*overrides, f"ranks={ranks}"], only=stage.name)
+    if shutil.which("sbatch") is None and not dry_run:
         raise SlurmMissing("sbatch is not on PATH, so this machine cannot submit Slurm jobs; run the pipeline "
                            f"here with 'scaling pipeline run {path}', or submit from a Slurm login node")
     finished_first = []
@@ -115,15 +122,16 @@ def submit_pipeline(path: str, overrides: list[str] = (), extra_sbatch: list[str
             break
         finished_first.append({"stage": stage.name, "finished": str(stage.export)})
     todo = pipe.stages[len(finished_first):]
-    for stage in todo:
+    for stage in todo if shutil.which("squeue") else ():  # a dry run may preview from a machine without Slurm
         busy = queued_jobs(job_name(pipe, stage))
         if busy:
             raise ConfigError(f"stage '{stage.name}' already has Slurm job(s) {', '.join(busy)} queued or running; "
                               f"wait for them or 'scancel {' '.join(busy)}', then submit again")
     if dry_run or not todo:
         after = [None] + ["<job of the stage before>"] * len(todo)
-        return finished_first + [{"stage": s.name, "sbatch": ["sbatch", *sbatch_args(pipe, s, shapes[s.name], a),
-                                                              *extra_sbatch, str(LAUNCHER)]} for s, a in zip(todo, after)]
+        return finished_first + [{"stage": s.name, "missing": missing.get(s.name, []),
+                                  "sbatch": ["sbatch", *sbatch_args(pipe, s, shapes[s.name], a), *extra_sbatch, str(LAUNCHER)]}
+                                 for s, a in zip(todo, after)]
     if pipe.stages[0].config.tracking.enabled:  # the jobs would fail on a store they cannot write
         probe_store(pipe.stages[0].config.tracking.tracking_uri)
     frozen = pipe.output_dir / "slurm" / "pipeline.yaml"
@@ -147,6 +155,36 @@ def submit_pipeline(path: str, overrides: list[str] = (), extra_sbatch: list[str
         submitted.append({"stage": stage.name, "job_id": after})
     record_jobs(pipe, lineage, submitted)
     return finished_first + submitted
+
+
+def check_values(path: str, overrides: list[str], stage_name: str, ranks: int) -> list[str]:
+    """Validate a stage's values for its job's rank count, leaving out the files it reads; return
+    one sentence per input that does not exist yet (shards, starting weights)."""
+    pipe = load_pipeline(path, [*overrides, f"ranks={ranks}"], only="")
+    cfg = pipe.stage(stage_name).config
+    try:
+        validate(cfg, ranks, check_files=False)
+        resolve_ds_config(cfg.train.ds_config)  # a file of the checkout, not data: it must exist now
+    except ConfigError as e:
+        raise ConfigError(f"stage '{stage_name}': {e}") from None
+    return missing_inputs(cfg)
+
+
+def missing_inputs(cfg: RunConfig) -> list[str]:
+    """The stage's input files that do not exist (yet), one sentence each."""
+    patterns = [(f"data source '{s.name}'", s.shards) for s in data_sources(cfg)] if cfg.data.source == "shards" else []
+    if cfg.stage == "finetune" and cfg.finetune.val_shards:
+        patterns.append(("finetune.val_shards", cfg.finetune.val_shards))
+    out = []
+    for what, shards in patterns:
+        try:
+            expand_shards(shards)
+        except (ValueError, FileNotFoundError) as e:
+            out.append(f"{what} has no files yet ({str(e).split('; check')[0]})")
+    init = cfg.finetune.init_from if cfg.stage == "finetune" else ""
+    if init not in ("", "previous") and not Path(init).is_file():
+        out.append(f"finetune.init_from {init} does not exist yet")
+    return out
 
 
 def done_already(pipe: Pipeline, stage: Stage) -> bool:

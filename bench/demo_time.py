@@ -1,0 +1,103 @@
+"""`make demo` on a fresh clone of this checkout, every output line timestamped.
+
+Three runs in the clone: `fresh` (set-up, synthetic shards, the three stages), `again` (every
+stage finished: skipped) and `after_clean` (`make clean` first: the demo after set-up). Per run:
+the wall time, the longest silence between two lines (the demo promises under 10 s), the
+set-up steps' times, and the training steps' own time (the sum of the `s/step` every step
+logs), so "demo minus its steps" is the overhead. Writes bench/results/demo_time.json.
+
+    python3 bench/demo_time.py [--work /tmp/demo_time] [--runs fresh,again,after_clean]
+    python3 bench/demo_time.py --analyze run.log   # a log of "<seconds> <line>" lines
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STEP = re.compile(r"\[scaling\] step \d+/\d+ .* ([\d.]+)s/step")
+MARKS = {  # set-up and demo steps: the first line that starts each
+    "pip install": "installing the pinned packages",
+    "op build": "building DeepSpeed's shm_comm op",
+    "synth": "scaling synth --out data/synth ",
+    "pipeline": "scaling pipeline run",
+}
+
+
+def timestamped(cmd: list[str], cwd: Path, log: Path) -> list[tuple[float, str]]:
+    """Run cmd, echo and keep each line with the seconds since the start."""
+    lines, start = [], time.monotonic()
+    with open(log, "w") as out, subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                 text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            t = time.monotonic() - start
+            lines.append((t, line.rstrip("\n")))
+            out.write(f"{t:.1f} {lines[-1][1]}\n")
+            print(f"{t:7.1f} {lines[-1][1]}", flush=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}); see {log}"
+    return lines
+
+
+def report(lines: list[tuple[float, str]]) -> dict:
+    times = [t for t, _ in lines]
+    gaps = sorted(((b - a, a, text[:120]) for (a, _), (b, text) in zip(lines, lines[1:])), reverse=True)
+    marks = {name: next((t for t, text in lines if key in text), None) for name, key in MARKS.items()}
+    steps = [float(m.group(1)) for _, text in lines if (m := STEP.search(text))]
+    total = times[-1] if times else 0.0
+    after_setup = total - marks["synth"] if marks["synth"] is not None else total
+    return {"total_s": round(total, 1), "lines": len(lines), "longest_silence_s": round(gaps[0][0], 1) if gaps else 0,
+            "silences_over_10_s": [{"s": round(g, 1), "at": round(a, 1), "before": t} for g, a, t in gaps if g > 10][:10],
+            "starts_at_s": {k: (round(v, 1) if v is not None else None) for k, v in marks.items()},
+            "demo_after_setup_s": round(after_setup, 1), "training_steps": len(steps),
+            "training_steps_s": round(sum(steps), 1),
+            "overhead_beyond_steps_s": round(after_setup - sum(steps), 1)}
+
+
+def read_log(path: Path) -> list[tuple[float, str]]:
+    out = []
+    for line in path.read_text().splitlines():
+        head, _, text = line.partition(" ")
+        try:
+            out.append((float(head), text))
+        except ValueError:
+            continue  # a note such as "load ..."
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=None, help="folder for the clone and the logs (default: a new temporary one)")
+    ap.add_argument("--runs", default="fresh,again,after_clean")
+    ap.add_argument("--analyze", default=None, metavar="LOG", help="only report on an existing timestamped log")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "demo_time.json"))
+    args = ap.parse_args()
+    if args.analyze:
+        print(json.dumps(report(read_log(Path(args.analyze))), indent=1))
+        return 0
+    work = Path(args.work or tempfile.mkdtemp(prefix="demo_time_"))
+    clone = work / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    result = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip(),
+              "cores": os.cpu_count(), "runs": {}}
+    for run in args.runs.split(","):
+        if run == "after_clean":
+            subprocess.run(["make", "clean"], cwd=clone, check=True, capture_output=True)
+        load_before = os.getloadavg()
+        lines = timestamped(["make", "demo"], clone, work / f"{run}.log")
+        result["runs"][run] = {**report(lines), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        print(json.dumps({run: result["runs"][run]}, indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out} (logs in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
