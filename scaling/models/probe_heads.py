@@ -49,9 +49,10 @@ class LinearProbeHead(nn.Module):
         self.fc.apply(lambda m: init_linear(m, std=0.01))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # BatchNorm in fp32: bf16 batch statistics would round the running mean and var.
-        pooled = tokens.mean(dim=1).float()  # (B, D)
-        return self.fc(self.bn(pooled).to(tokens.dtype))
+        pooled = tokens.mean(dim=1)  # (B, D)
+        # In the dtype of the running statistics: DeepSpeed casts buffers with the model (bf16),
+        # and CPU BatchNorm refuses an input of another dtype.
+        return self.fc(self.bn(pooled.to(self.bn.running_mean.dtype)).to(tokens.dtype))
 
 
 class AttentiveProbeHead(nn.Module):
