@@ -14,12 +14,20 @@ as it was given (its export holds it unchanged, its head is dropped by the next 
 attentive probe and the fine-tune start from exactly the weights the linear probe saw.
 Fine-tuning from scratch and from pre-training get the same step budget and recipe.
 
-    python bench/proof_of_value.py                 # the full comparison (~30 min on 2 cores)
-    python bench/proof_of_value.py --size ci       # the CI-sized one (tests/integration/test_proof_of_value.py)
+    python bench/proof_of_value.py                 # the full comparison (~25 min on 2 busy cores)
+    python bench/proof_of_value.py --size small    # a quicker check of the attentive probe only
 
 Writes bench/results/proof_of_value[_<size>].json and .png (pre-training loss curve; top-1 of
 every arm against chance), and logs the pipeline as one MLflow parent run with a nested run
 per stage; the JSON and PNG are attached to the parent run.
+
+Measured (bench/results/proof_of_value.json, debug model, 1200 pre-training steps, 20 min on
+2 shared cores): the reconstruction loss falls from 1.04 to ~0.68 by step 500 and stays there,
+but no arm is far from chance (25 %): probes 24 -> 30 (linear) and 25 -> 28 (attentive) top-1
+from random to pre-trained weights, fine-tuning 32 (scratch) vs 30 (pre-trained), all within
+the noise of 128 validation clips (one clip is 0.8 points, the std of a difference ~5). The
+debug model (2 blocks of width 64) at these budgets does not learn motion features a probe can
+use; a larger model (vit_s) or a longer pre-training is the next thing to try.
 """
 from __future__ import annotations
 
@@ -40,9 +48,9 @@ CHANCE = 25.0  # 4 directions
 # Each size: videos (train, val), pre-training steps, supervised epochs (probe, fine-tune), and
 # the comparisons it runs (a probe head or "finetune"; each gets a random-weights arm).
 SIZES = {
-    "full": {"train": 256, "val": 128, "pretrain_steps": 300, "probe_epochs": 5, "finetune_epochs": 3,
+    "full": {"train": 256, "val": 128, "pretrain_steps": 1200, "probe_epochs": 20, "finetune_epochs": 6,
              "compare": ("linear", "attentive", "finetune")},
-    "ci": {"train": 128, "val": 64, "pretrain_steps": 150, "probe_epochs": 4, "finetune_epochs": 2,
+    "small": {"train": 128, "val": 64, "pretrain_steps": 400, "probe_epochs": 20, "finetune_epochs": 2,
            "compare": ("attentive",)},
 }
 ARMS = {"linear": ("probe_linear_random", "probe_linear"), "attentive": ("probe_attentive_random", "probe_attentive"),
@@ -58,8 +66,8 @@ def pipeline_for(size: dict, data: Path, out: Path, experiment: str, tracking_ur
     supervised = {"num_classes": 4, "val_shards": val, "test_clips": 2, "test_crops": 1}
     probe = lambda head, init: {  # noqa: E731
         "stage": "probe", "probe": {"head": head}, "finetune": {**supervised, "init_from": init},
-        # peak lr 3e-3 (linear) and 1.25e-3 (attentive) at 16 videos per step
-        "optim": {"base_lr": 0.05 if head == "linear" else 0.02, "warmup_epochs": 1},
+        # peak lr 1.25e-2 (linear: its BatchNorm whitens the features) and 3.1e-3 (attentive) at 16 videos per step
+        "optim": {"base_lr": 0.2 if head == "linear" else 0.05, "warmup_epochs": 1},
         "train": {"epochs": size["probe_epochs"], "global_batch": 16}}
     finetune = lambda init: {  # noqa: E731
         "stage": "finetune", "finetune": {**supervised, "init_from": init, "layer_decay": 0.75, "mixup": 0.0,
@@ -79,7 +87,7 @@ def pipeline_for(size: dict, data: Path, out: Path, experiment: str, tracking_ur
             "pretrain": {"stage": "pretrain",
                          "mask": {"encoder": "tube", "encoder_ratio": 0.75, "decoder": "running_cell", "decoder_ratio": 0.5},
                          "data": {"num_sample": 2},
-                         "optim": {"base_lr": 0.15, "min_lr": 0.001, "warmup_steps": 20, "clip_grad": 1.0},  # peak 4.7e-3
+                         "optim": {"base_lr": 0.15, "min_lr": 0.001, "warmup_steps": 40, "clip_grad": 1.0},  # peak 4.7e-3
                          "train": {"steps": size["pretrain_steps"], "global_batch": 8, "log_every": 1}},
             "probe_linear": probe("linear", "previous"),
             "probe_attentive": probe("attentive", "previous"),
