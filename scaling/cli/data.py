@@ -49,8 +49,9 @@ def add_labels_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_synth(args) -> int:
     from scaling.data.synth import write_synthetic_shards
 
-    shards = write_synthetic_shards(args.out, args.num_videos, videos_per_shard=args.per_shard, seed=args.seed)
-    print(f"wrote {args.num_videos} videos into {len(shards)} shards under {args.out}")
+    shards = write_synthetic_shards(args.out, args.num_videos, videos_per_shard=args.per_shard, seed=args.seed,
+                                    task=args.task)
+    print(f"wrote {args.num_videos} {args.task} videos into {len(shards)} shards under {args.out}")
     return 0
 
 
@@ -60,6 +61,9 @@ def add_synth_parser(sub) -> None:
     s.add_argument("--num-videos", type=int, default=64)
     s.add_argument("--per-shard", type=int, default=16, help="videos per shard")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task", choices=("shapes", "motion"), default="shapes",
+                   help="shapes: the class is a shape's form, hue and direction (easy); motion: the class is only "
+                        "the direction the shapes move (right, left, down, up), no single frame tells it")
     s.set_defaults(func=cmd_synth)
 
 

@@ -40,6 +40,10 @@ def cmd_train(args, stage: str | None = None) -> int:
             from scaling.train.pretrain import run_pretrain
 
             run_pretrain(cfg)
+        elif cfg.stage == "probe":
+            from scaling.train.probe import run_probe
+
+            run_probe(cfg)
         else:
             from scaling.train.finetune import run_finetune
 
@@ -75,7 +79,7 @@ def check_before_launch(cfg, probe_tracking: bool) -> None:
     its ranks a resolved path, never 'previous'), and, in the launching process only, an MLflow
     store the ranks can write (an unwritable or corrupt store would fail them after start-up)."""
     from scaling.config import ConfigError  # here: the parser is built without importing torch
-    if cfg.stage == "finetune" and cfg.finetune.init_from == "previous":
+    if cfg.stage in ("finetune", "probe") and cfg.finetune.init_from == "previous":
         raise ConfigError("finetune.init_from=previous means the previous stage of a pipeline, and this is a single "
                           "run; give a checkpoint file (e.g. <pretrain run>/export/model_fp32.pt) or run the stages "
                           "with `scaling pipeline run`")

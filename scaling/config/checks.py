@@ -8,6 +8,7 @@ from pathlib import Path
 from scaling.config.schema import (
     DS_OWNED_KEYS,
     SAMPLINGS,
+    SUPERVISED_STAGES,
     ConfigError,
     RunConfig,
     data_sources,
@@ -17,6 +18,7 @@ from scaling.config.schema import (
 from scaling.data.sources import expand_shards
 from scaling.masking import MASK_MODES, check_mask
 from scaling.models.classify import HEADS
+from scaling.models.probe_heads import PROBE_HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
 
 
@@ -71,14 +73,23 @@ def validate_mar(cfg: RunConfig) -> None:
                           "mask.finetune is none; set mask.finetune=running_cell or finetune.reconstruction_weight=0")
 
 
+def validate_probe(cfg: RunConfig) -> None:
+    """A probe trains a head on every token of a frozen encoder."""
+    if cfg.probe.head not in PROBE_HEADS:
+        raise ConfigError(f"probe.head '{cfg.probe.head}' is unknown; choose one of {', '.join(PROBE_HEADS)}")
+    if cfg.mask.finetune != "none" or cfg.finetune.reconstruction_weight > 0:
+        raise ConfigError("a probe runs the frozen encoder on every token; set mask.finetune=none and "
+                          "finetune.reconstruction_weight=0 (MAR's token dropping is for fine-tuning)")
+
+
 def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
     """Everything a user can get wrong, refused before any rank starts. `check_files=False`
     checks the values only (`scaling pipeline show` before the shards and weights exist)."""
     m, t, k, d, o = cfg.model, cfg.train, cfg.mask, cfg.data, cfg.optim
     validate_counts(cfg, world_size)
     validate_ds_json(cfg)
-    if cfg.stage not in ("pretrain", "finetune"):
-        raise ConfigError(f"stage '{cfg.stage}' is unknown; choose pretrain or finetune")
+    if cfg.stage not in ("pretrain", *SUPERVISED_STAGES):
+        raise ConfigError(f"stage '{cfg.stage}' is unknown; choose pretrain, finetune or probe")
     if m.name not in VIT_SIZES:
         raise ConfigError(f"unknown model.name '{m.name}'; choose one of: {', '.join(VIT_SIZES)}")
     try:
@@ -135,9 +146,11 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         raise ConfigError(f"data.sampling '{d.sampling}' is unknown; choose one of {', '.join(SAMPLINGS)}")
     if d.num_videos < 0:
         raise ConfigError(f"data.num_videos must be 0 (unknown) or the number of videos, got {d.num_videos}")
-    if cfg.stage == "finetune":
+    if cfg.stage in SUPERVISED_STAGES:
         validate_finetune_inputs(cfg)
         validate_finetune(cfg, world_size, check_files)
+        if cfg.stage == "probe":
+            validate_probe(cfg)
         return
     if d.sampling != "stride":
         raise ConfigError("data.sampling=segments is for fine-tuning and testing; pre-training takes frames "

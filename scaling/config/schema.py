@@ -184,8 +184,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """`stage: probe`: the encoder frozen, only a head trained (labels, data, init_from, test
+    views: the finetune section)."""
+
+    head: str = "linear"  # linear (MAE: affine-free BatchNorm + Linear on pooled tokens) | attentive (V-JEPA)
+
+
+@dataclass
 class RunConfig:
-    stage: str = "pretrain"  # pretrain (masked video modelling) | finetune (supervised)
+    stage: str = "pretrain"  # pretrain (masked video modelling) | finetune (supervised) | probe (frozen encoder)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,6 +201,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 # What a stage gets for every key its YAML does not set: the VideoMAE V2 reference's defaults
@@ -209,7 +218,17 @@ FINETUNE_DEFAULTS = {
     "model": {"drop_path": 0.1},
     "finetune": {"layer_decay": 0.75, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
 }
-STAGE_DEFAULTS = {"pretrain": PRETRAIN_DEFAULTS, "finetune": FINETUNE_DEFAULTS}
+# Probing (MAE's linear probe recipe, AdamW in place of LARS): no mixup, cutmix, label
+# smoothing, RandAugment or erasing, no weight decay; crop + flip are the only augmentation.
+PROBE_DEFAULTS = {
+    "optim": {"betas": [0.9, 0.999], "min_lr": 0.0, "warmup_lr": 0.0, "warmup_epochs": 1, "weight_decay": 0.0,
+              "clip_grad": 0.0},
+    "data": {"num_sample": 1},
+    "model": {"drop_path": 0.0},
+    "finetune": {"layer_decay": 1.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "rand_aug": "", "reprob": 0.0},
+}
+STAGE_DEFAULTS = {"pretrain": PRETRAIN_DEFAULTS, "finetune": FINETUNE_DEFAULTS, "probe": PROBE_DEFAULTS}
+SUPERVISED_STAGES = ("finetune", "probe")  # stages that train on labels, start from init_from and test at the end
 
 
 def with_stage_defaults(data: dict) -> dict:

@@ -95,6 +95,60 @@ def render_video(rng: np.random.Generator, label: int, num_frames: int, height: 
     return out
 
 
+# The motion task: the class is the direction in which every shape of the clip moves, and
+# nothing else differs between classes. Forms, colours, textures, sizes, speeds, positions and
+# the background are drawn first, from one distribution for every class, and the direction
+# last, so a clip's first frame is the same whatever its label (tests/unit/test_synth_motion.py):
+# no single frame tells the class, only how frames change does. Horizontal flips swap classes
+# 0 and 1: train on it with flipping off (a data.sources entry with flip: false).
+MOTION_CLASSES = ("right", "left", "down", "up")
+MOTION_DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (dy, dx) per class
+
+
+def render_motion_video(rng: np.random.Generator, label: int, num_frames: int, height: int, width: int) -> np.ndarray:
+    """2-4 textured shapes of random form, colour and size gliding over a static textured
+    background in the direction of class `label` (MOTION_CLASSES), wrapping around the frame.
+    Returns uint8 (T, H, W, 3)."""
+    lo = min(height, width)
+    # Background: a colour with a linear ramp in a random direction, the same ramp in every
+    # patch, so a model can tell background from shape anywhere after seeing a few patches; a
+    # random texture here would be unpredictable under tube masking and drown the motion signal
+    # in the reconstruction loss.
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / lo * rng.uniform(40, 90)  # (H, W)
+    background = rng.uniform(40, 200, size=3) + ramp[..., None]  # (H, W, 3)
+    n_shapes = int(rng.integers(2, 5))
+    kinds = [SHAPE_CLASSES[i] for i in rng.integers(0, len(SHAPE_CLASSES), size=n_shapes)]
+    r = rng.uniform(0.12, 0.22, size=n_shapes) * lo  # half-size in pixels
+    size = int(2 * r.max()) + 2
+    # Each shape carries its own colour and texture, which move with it (the texture makes the
+    # motion visible inside the shape too, not only at its edges).
+    colours = rng.uniform(0, 255, size=(n_shapes, 3))
+    textures = [_smooth_texture(rng, size, size, cell=4, amplitude=40.0) for _ in range(n_shapes)]  # (S, S, 3)
+    start = rng.uniform(0, 1, size=(n_shapes, 2)) * (height, width)  # (n, 2) y, x
+    speed = rng.uniform(0.02, 0.04, size=(n_shapes, 1)) * lo  # pixels/frame
+    velocity = speed * np.array(MOTION_DIRECTIONS[label], dtype=np.float64)  # (n, 2): the only use of the label
+
+    out = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        frame = background.copy()
+        for i in range(n_shapes):
+            cy, cx = (start[i] + velocity[i] * t) % (height, width)
+            # The nearest copy of the centre on the torus, so a shape leaving one edge enters at the other.
+            dy = (yy - cy + height / 2) % height - height / 2
+            dx = (xx - cx + width / 2) % width - width / 2
+            mask = _shape_mask(kinds[i], dy, dx, 0.0, 0.0, r[i])
+            ty = np.clip((dy[mask] + size / 2).astype(int), 0, size - 1)
+            tx = np.clip((dx[mask] + size / 2).astype(int), 0, size - 1)
+            frame[mask] = colours[i] + textures[i][ty, tx]
+        out[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return out
+
+
+TASKS = {"shapes": (SHAPE_CLASSES, render_video), "motion": (MOTION_CLASSES, render_motion_video)}
+
+
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     """Encode uint8 (T, H, W, 3) RGB frames as H.264/yuv420p mp4 bytes, in memory."""
     _, height, width, _ = frames.shape
@@ -115,8 +169,11 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
 
 
 def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=40, height=96, width=128, fps=10,
-                           seed=0) -> list[str]:
+                           seed=0, task: str = "shapes") -> list[str]:
     """Write `num_videos` synthetic clips into webdataset shards `{out_dir}/synth-%06d.tar`.
+
+    `task`: shapes (class = form, hue and direction together; easy) or motion (class = direction
+    of motion only; see MOTION_CLASSES).
 
     Each sample is `{"__key__": "%08d", "mp4": bytes, "json": {"label", "source", "num_frames",
     "fps", "height", "width"}}`. Output is a pure function of the arguments (seeded per video).
@@ -124,6 +181,9 @@ def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=4
     """
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose one of {', '.join(TASKS)}")
+    classes, render = TASKS[task]
     os.makedirs(out_dir, exist_ok=True)
     pattern = os.path.join(str(out_dir), "synth-%06d.tar")
     written: list[str] = []
@@ -132,15 +192,15 @@ def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=4
         for idx in range(num_videos):
             # One generator per video, so video i does not depend on how many came before.
             rng = np.random.default_rng([seed, idx])
-            label = int(rng.integers(0, len(SHAPE_CLASSES)))
-            frames = render_video(rng, label, num_frames, height, width)
+            label = int(rng.integers(0, len(classes)))
+            frames = render(rng, label, num_frames, height, width)
             sink.write(
                 {
                     "__key__": "%08d" % idx,
                     "mp4": encode_mp4(frames, fps),
                     "json": {
                         "label": label,
-                        "source": "synth",
+                        "source": "synth" if task == "shapes" else f"synth-{task}",
                         "num_frames": num_frames,
                         "fps": fps,
                         "height": height,
@@ -153,4 +213,5 @@ def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=4
     return written
 
 
-__all__ = ["SHAPE_CLASSES", "write_synthetic_shards", "render_video", "encode_mp4"]
+__all__ = ["MOTION_CLASSES", "SHAPE_CLASSES", "TASKS", "encode_mp4", "render_motion_video", "render_video",
+           "write_synthetic_shards"]

@@ -261,7 +261,8 @@ def encoder_weights_for_classifier(ckpt: Mapping, model, learned_pos: str = "err
     sd = {k: v for k, v in sd.items() if not k.startswith(RECONSTRUCTION)}
     if getattr(model, "reconstruction", None) is not None:
         sd.update(reconstruction_weights(ckpt))
-    sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}  # fc_norm starts fresh
+    # fc_norm starts fresh; a probe's head (scaling/models/probe_heads.py) fits no classifier.
+    sd = {k: v for k, v in sd.items() if not k.startswith(("norm.", "probe_head."))}
     sd = _split_qkv_bias(sd)
     pos = sd.pop("pos_embed", None)
     if pos is not None and not _is_fixed_table(pos):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from scaling.config import ConfigError, RunConfig, data_sources, validate
+from scaling.config.schema import SUPERVISED_STAGES
 from scaling.data.sources import expand_shards
 from scaling.models.vit import get_size
 from scaling.pipeline.slurm import job_shapes
@@ -60,7 +61,7 @@ def split(cfg: RunConfig, ranks: int) -> dict:
 
 
 def starts_from(pipe: Pipeline, stage: Stage) -> str:
-    init = stage.config.finetune.init_from if stage.config.stage == "finetune" else ""
+    init = stage.config.finetune.init_from if stage.config.stage in SUPERVISED_STAGES else ""
     if init == "previous":
         previous = pipe.previous(stage)
         return f"stage {previous.name} ({previous.export})"
@@ -70,7 +71,7 @@ def starts_from(pipe: Pipeline, stage: Stage) -> str:
 def stage_values(pipe: Pipeline, stage: Stage, job_ranks: int | None) -> dict:
     cfg = stage.config
     o, t, d, m, k, f = cfg.optim, cfg.train, cfg.data, cfg.model, cfg.mask, cfg.finetune
-    supervised = cfg.stage == "finetune"
+    supervised = cfg.stage in SUPERVISED_STAGES
     if supervised:
         videos, videos_from = count_videos(cfg)
         epoch_steps = steps_per_epoch(videos, t.global_batch) if videos else 0

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from scaling.config import ConfigError, RunConfig, save_config, to_dict
+from scaling.config.schema import SUPERVISED_STAGES
 from scaling.pipeline.spec import Pipeline, Stage
 from scaling.tracking import flatten
 
@@ -34,7 +35,7 @@ def weights_in(stage: Stage, previous: Stage | None, from_previous: bool) -> str
     """The identity of the weights a supervised stage starts from: the previous stage's digest
     (so a stage that ran again upstream makes every later stage run again), or a checkpoint
     file's path, size and modification time."""
-    init = stage.config.finetune.init_from if stage.config.stage == "finetune" else ""
+    init = stage.config.finetune.init_from if stage.config.stage in SUPERVISED_STAGES else ""
     if from_previous:
         return "stage:" + json.loads((previous.dir / DONE).read_text()).get("digest", "")
     if init:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,41 @@ def drop_mask_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, r
     return mask[rank * rows:(rank + 1) * rows]
 
 
+@dataclass(frozen=True)
+class SupervisedModel:
+    """What a supervised stage trains, everything else in `run_finetune` being shared: how the
+    model is built, started from `finetune.init_from` (returns the keys left at their init), and
+    split into optimizer groups. The probe stage (scaling/train/probe.py) brings its own."""
+
+    build: Callable[[RunConfig], torch.nn.Module]
+    load: Callable[[torch.nn.Module, RunConfig], list[str]]
+    groups: Callable[[torch.nn.Module, RunConfig], list[dict]]
+    describe: Callable[[RunConfig], str]
+
+
+def describe_classifier(cfg: RunConfig) -> str:
+    f = cfg.finetune
+    mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
+          (f" + reconstruction x {f.reconstruction_weight:g}" if f.reconstruction_weight > 0 else "")
+    return f"{cfg.model.name}, {cfg.model.head} head{mar}"
+
+
+def load_classifier(model: VideoClassifier, cfg: RunConfig) -> list[str]:
+    fresh = load_initial_weights(model, cfg.finetune.init_from, cfg.finetune.trust_checkpoint)
+    if model.reconstruction is not None and dist.get_rank() == 0:
+        no_decoder = any(k.startswith("reconstruction.") for k in fresh)
+        source = "its init (no decoder in that checkpoint)" if no_decoder else "that checkpoint's decoder"
+        print(f"[scaling] reconstruction branch starts from {source}", flush=True)
+    return fresh
+
+
+FINETUNE = SupervisedModel(
+    build=lambda cfg: classifier_for(cfg), load=load_classifier, describe=describe_classifier,
+    groups=lambda model, cfg: layer_decay_groups(model, cfg.optim.weight_decay, cfg.finetune.layer_decay, base_lr=peak_lr(cfg)))
+
+
 @closes_runs_on_error  # a run that raises ends FAILED in MLflow, not RUNNING or FINISHED
-def run_finetune(cfg: RunConfig) -> dict:
+def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
     """Train for `train.epochs` (or `train.steps`), evaluate on `finetune.val_shards`; returns eval metrics."""
     rank, world = run.init_ranks()
     out = Path(cfg.train.output_dir)
@@ -100,16 +135,12 @@ def run_finetune(cfg: RunConfig) -> dict:
     m, f, t = cfg.model, cfg.finetune, cfg.train
 
     torch.manual_seed(t.seed)
-    model = build_model(lambda: classifier_for(cfg), ds_config)
+    model = build_model(lambda: kind.build(cfg), ds_config)
     grid = model.grid
     model.set_grad_checkpointing(m.activation_checkpointing)
     if f.init_from and resume_tag is None:
         # Before deepspeed.initialize: the optimizer's fp32 master copy is taken from these weights.
-        fresh = load_initial_weights(model, f.init_from, f.trust_checkpoint)
-        if model.reconstruction is not None and rank == 0:
-            no_decoder = any(k.startswith("reconstruction.") for k in fresh)
-            source = "its init (no decoder in that checkpoint)" if no_decoder else "that checkpoint's decoder"
-            print(f"[scaling] reconstruction branch starts from {source}", flush=True)
+        kind.load(model, cfg)
 
     loader = train_loader_for(cfg, rank, world)
     steps_per_epoch = epoch_length(loader.num_samples, t.global_batch)
@@ -117,7 +148,7 @@ def run_finetune(cfg: RunConfig) -> dict:
         raise ValueError(f"the training shards hold {loader.num_samples} videos, fewer than one optimizer step of "
                          f"train.global_batch={t.global_batch}; lower train.global_batch or add videos")
     total, warmup = run_steps(cfg, steps_per_epoch)
-    groups = layer_decay_groups(model, cfg.optim.weight_decay, f.layer_decay, base_lr=peak_lr(cfg))
+    groups = kind.groups(model, cfg)
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
     validation = Validation(cfg, rank, world, steps_per_epoch)  # finetune.eval_every
 
@@ -125,10 +156,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
-        mar = (f", MAR {cfg.mask.finetune} {cfg.mask.finetune_ratio:g}" if cfg.mask.finetune != "none" else "") + \
-              (f" + reconstruction x {f.reconstruction_weight:g}" if f.reconstruction_weight > 0 else "")
-        print(f"[scaling] finetune {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, "
-              f"{m.head} head{mar}, {f.num_classes} classes, {loader.num_samples} videos, "
+        print(f"[scaling] {cfg.stage} {'resuming at step ' + str(start) if start else 'starting'}: {kind.describe(cfg)}, "
+              f"{f.num_classes} classes, {loader.num_samples} videos, "
               f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     mixup, criterion = criterion_for(cfg)
