@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STEPS ?= 40
+DEMO_MODEL := runs/smoke/finetune/export/model_fp32.pt
 RANKS ?= 2
 
 .PHONY: setup demo pretrain test test-fast lint bench clean
@@ -49,6 +50,10 @@ data/synth_val/synth-000001.tar: | $(STAMP)
 demo: $(STAMP) data/synth/synth-000003.tar data/synth_val/synth-000001.tar
 	$(VENV)/bin/scaling pipeline run pipelines/smoke.yaml
 	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Use the model it trained (README: 'Using trained weights'):"
+	@echo "  $(VENV)/bin/scaling eval --weights $(DEMO_MODEL) --shards 'data/synth_val/synth-{000000..000001}.tar'"
+	@echo "  tar -xf data/synth_val/synth-000000.tar 00000000.mp4 && $(VENV)/bin/scaling predict 00000000.mp4 --weights $(DEMO_MODEL)"
+	@echo "  $(VENV)/bin/scaling features --weights $(DEMO_MODEL) --input 'data/synth_val/synth-{000000..000001}.tar' --out runs/smoke/features"
 
 # Pre-training alone; `make pretrain STEPS=80` continues the same run (and MLflow run).
 pretrain: $(STAMP) data/synth/synth-000003.tar

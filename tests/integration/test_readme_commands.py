@@ -44,6 +44,8 @@ RUN = {
     ".venv/bin/scaling pipeline show pipelines/vitg_k400.yaml stages.pretrain.train.global_batch=1024 --json": "",
     ".venv/bin/scaling pipeline submit pipelines/vitg_k400.yaml --dry-run": "",
     ".venv/bin/scaling memory plan --model vit_g --nodes 8 --gpus-per-node 8 --gpu-memory-gb 80": "",
+    ".venv/bin/scaling memory plan --model vit_b --device cpu --gpus-per-node 2 --reserve-gb 0 --micro-batch 4 "
+    "--budget-gb 2.3": "",
     ".venv/bin/scaling memory compare --model vit_b --no-time":
         ".venv/bin/scaling memory compare --model debug --frames 4 --input-size 32 --no-time",
 }
@@ -59,6 +61,8 @@ CHECKS = {  # README line -> a text its output must hold
     ".venv/bin/scaling pipeline submit pipelines/vitg_k400.yaml --dry-run":  # no shards, no Slurm here
         "[pipeline] warning: stage 'pretrain': data source 'k710' has no files yet",
     ".venv/bin/scaling memory plan --model vit_g --nodes 8 --gpus-per-node 8 --gpu-memory-gb 80": "largest micro-batch",
+    ".venv/bin/scaling memory plan --model vit_b --device cpu --gpus-per-node 2 --reserve-gb 0 --micro-batch 4 "
+    "--budget-gb 2.3": "model.activation_checkpointing=",
 }
 
 ELSEWHERE = {
@@ -79,6 +83,19 @@ ELSEWHERE = {
     "sbatch slurm/pretrain_vitg.sh": "tests/integration/test_slurm.py::test_every_template_is_accepted_with_its_default_directives",
     'SCALING_OVERRIDES="stages.pretrain.train.steps=1000" sbatch --nodes=2 slurm/pretrain_vitg.sh':
         "tests/integration/test_slurm.py::test_pretrain_vitg_runs_is_preempted_requeues_and_resumes",
+    ".venv/bin/scaling eval --weights runs/smoke/finetune/export/model_fp32.pt "
+    "--shards 'data/synth_val/synth-{000000..000001}.tar' --ranks 2":
+        "tests/integration/test_use_commands.py::test_eval_of_the_export_and_of_the_deepspeed_checkpoint_repeat_the_stage_test",
+    ".venv/bin/scaling predict clip.mp4 --weights runs/smoke/finetune/export/model_fp32.pt":
+        "tests/integration/test_use_commands.py::test_predict_names_the_class_of_videos_the_model_was_trained_on",
+    ".venv/bin/scaling features --weights runs/smoke/finetune/export/model_fp32.pt "
+    "--input 'data/synth_val/synth-{000000..000001}.tar' --out runs/smoke/features --window 16 --stride 8 --pool mean":
+        "tests/integration/test_use_commands.py::test_features_from_shards_equal_features_from_mp4_files_and_a_rerun_skips_finished_videos",
+    ".venv/bin/scaling visualize --weights runs/smoke/pretrain/export/model_fp32.pt --video clip.mp4 --mask tube "
+    "--decoder running_cell":
+        "tests/integration/test_use_commands.py::test_pretraining_logs_a_reconstruction_figure_that_visualize_redraws_from_the_export",
+    ".venv/bin/scaling pipeline run pipelines/smoke_probe.yaml":
+        "tests/integration/test_probe_stage.py::test_probes_train_only_their_heads_on_the_frozen_pretrained_encoder",
     "sbatch slurm/postpretrain_vitg.sh":
         "tests/integration/test_slurm.py::test_every_template_is_accepted_with_its_default_directives",
 }
