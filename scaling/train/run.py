@@ -108,12 +108,13 @@ def stop_if_diverged(guard: DivergenceGuard, tracker, out: Path, rank: int) -> N
         raise
 
 
-def log_step(tracker, out: Path, step: int, total: int, metrics: dict) -> None:
-    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console line."""
+def log_step(tracker, out: Path, step: int, total: int, metrics: dict, line: str = "") -> None:
+    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console
+    line (`line`, e.g. StepMetrics.line, or a short default)."""
     tracker.log_metrics(metrics, step=step)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    print(f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+    print(line or f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
           f"{metrics['step_time_s']:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
 
 
