@@ -52,7 +52,7 @@ def resume_and_track(engine, scheduler, cfg: RunConfig, rank: int, ds_config: di
         resync_lr(scheduler)  # the run may have been resumed with a longer schedule
     t = cfg.tracking
     tracker = make_tracker(rank, t.enabled, t.tracking_uri, t.experiment, t.run_name, run_id=state.get("mlflow_run_id"),
-                           parent_run_id=t.parent_run_id, tags={"stage_kind": cfg.stage})
+                           parent_run_id=t.parent_run_id, tags={"stage_kind": cfg.stage}, system_metrics=t.system_metrics)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
