@@ -200,13 +200,20 @@ class StepMetrics:
         self.peak_tflops: float | None = None
         self.peak_source = ""
         if rank == 0:
-            self.count = count_step(cfg, world)
+            self.count = self._count(log)
             self.peak_tflops, self.peak_source = self._find_peak(log)
         self._t0 = self._first_end = self._last_end = self._run_start = None
         self._first_seconds = 0.0
         self._steps_done = 0
         self._waited = 0.0
         self.seconds = 0.0
+
+    def _count(self, log) -> dict:
+        try:
+            return count_step(self.cfg, self.world)
+        except Exception as e:  # noqa: BLE001 - e.g. a mask mode `memory compare` has no variant for
+            log(f"[scaling] FLOPs per step not counted ({type(e).__name__}: {e}); tokens/s, TFLOP/s and MFU omitted")
+            return {}
 
     def _find_peak(self, log) -> tuple[float | None, str]:
         precision = self.cfg.train.precision
@@ -227,8 +234,9 @@ class StepMetrics:
         """What the MLflow run records once: the counted FLOPs and the peak they are measured against."""
         if self.rank != 0:
             return {}
-        return {"flops_per_step": self.count["flops_per_step"], "flops_counted_for": self.count["variant"],
-                "peak_tflops_per_rank": self.peak_tflops if self.peak_tflops is not None else "unknown",
+        counted = {"flops_per_step": self.count["flops_per_step"], "flops_counted_for": self.count["variant"]} \
+            if self.count else {}
+        return {**counted, "peak_tflops_per_rank": self.peak_tflops if self.peak_tflops is not None else "unknown",
                 "peak_tflops_source": self.peak_source or "none"}
 
     def set_range(self, start: int, end: int, total: int) -> None:
@@ -266,14 +274,14 @@ class StepMetrics:
         worst = max_over_ranks({"data_wait_fraction": self._waited / self.seconds, **memory_now()})
         if self.rank != 0:
             return {}
-        s = self.seconds
-        out = {"steps_total": self.total_steps, "step_time_s": s, "clips_per_s": self.clips_per_step / s,
-               "encoder_tokens_per_s": self.count["encoder_tokens"] * self.clips_per_step / s,
-               "decoder_tokens_per_s": self.count["decoder_tokens"] * self.clips_per_step / s,
-               "flops_per_step": self.count["flops_per_step"],
-               "tflops_per_s": self.count["flops_per_step"] / s / 1e12}
-        if self.peak_tflops:
-            out["mfu"] = mfu(self.count["flops_per_step"], s, self.peak_tflops, self.world)
+        s, c = self.seconds, self.count
+        out = {"steps_total": self.total_steps, "step_time_s": s, "clips_per_s": self.clips_per_step / s}
+        if c:
+            out.update({"encoder_tokens_per_s": c["encoder_tokens"] * self.clips_per_step / s,
+                        "decoder_tokens_per_s": c["decoder_tokens"] * self.clips_per_step / s,
+                        "flops_per_step": c["flops_per_step"], "tflops_per_s": c["flops_per_step"] / s / 1e12})
+        if c and self.peak_tflops:
+            out["mfu"] = mfu(c["flops_per_step"], s, self.peak_tflops, self.world)
         out.update(worst)
         out["elapsed_s"] = self._last_end - self._run_start
         out["eta_s"] = eta_seconds(self._first_end, self._last_end, self._steps_done, self.end_step - step,
@@ -285,9 +293,11 @@ class StepMetrics:
         stage = f" (stage {self.stage_label})" if self.stage_label else ""
         m = metrics
         mem = m.get("memory/peak_allocated_gib", m.get("memory/peak_rss_gib", 0.0))
-        tokens = (m["encoder_tokens_per_s"] + m["decoder_tokens_per_s"]) / 1e3
-        mfu_text = f", MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""
+        compute = ""
+        if "flops_per_step" in m:
+            tokens = (m["encoder_tokens_per_s"] + m["decoder_tokens_per_s"]) / 1e3
+            compute = f", {tokens:.1f}k tok/s, {flop_rate(m['tflops_per_s'])}"
+        compute += f", MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""
         return (f"[scaling] step {step}/{self.total_steps}{stage} loss {m['loss']:.4f} lr {m['lr']:.2e} | "
-                f"{m['step_time_s']:.2f} s/step, {m['clips_per_s']:.1f} clips/s, {tokens:.1f}k tok/s, "
-                f"{flop_rate(m['tflops_per_s'])}{mfu_text}, data wait {100 * m['data_wait_fraction']:.0f}% | "
+                f"{m['step_time_s']:.2f} s/step, {m['clips_per_s']:.1f} clips/s{compute}, data wait {100 * m['data_wait_fraction']:.0f}% | "
                 f"peak mem {mem:.2f} GiB | elapsed {hms(m['elapsed_s'])}, ETA {hms(m['eta_s'])}")

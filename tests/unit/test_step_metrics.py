@@ -152,3 +152,25 @@ def test_summary_table(tmp_path):
     assert lines[1].split() == ["pretrain", "4/4", "earlier", "0.8123", "-", "pre/export/model_fp32.pt"]
     assert lines[2].split() == ["finetune", "6/6", "0:01:23", "2.5000", "37.50", "ft/export/model_fp32.pt"]
     assert len({line.rindex(line.split()[-1]) for line in lines}) == 1, "the weights column is aligned"
+
+
+def test_a_step_memory_compare_cannot_count_logs_without_flops(one_rank_group):
+    """A decoder mask registered by a user has no `memory compare` variant: the run says so once
+    and logs every other figure (training must not stop over a metric)."""
+    from scaling.masking import register_mask, unregister_mask
+
+    register_mask("decoder", "everything")(lambda batch, grid, ratio, generator, encoder_mask: encoder_mask)
+    try:
+        cfg = load_config(SMOKE, ["data.source=noise", "mask.decoder=everything"])
+        logged = []
+        perf = StepMetrics(cfg, rank=0, world=1, log=logged.append)
+    finally:
+        unregister_mask("decoder", "everything")
+    assert logged[0].startswith("[scaling] FLOPs per step not counted (KeyError")
+    perf.set_range(0, 2, 2)
+    perf.step_started()
+    perf.step_ended()
+    got = perf.collect(1)
+    assert "clips_per_s" in got and "eta_s" in got and not {"flops_per_step", "mfu", "encoder_tokens_per_s"} & set(got)
+    assert "MFU" not in perf.line(1, {"loss": 1.0, "lr": 0.0, **got})
+    assert "flops_per_step" not in perf.params()
