@@ -168,8 +168,10 @@ def memory_now() -> dict[str, float]:
                 "memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     import psutil
 
-    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # KiB on Linux
-            "memory/rss_gib": psutil.Process().memory_info().rss / GIB}
+    rss = psutil.Process().memory_info().rss
+    # ru_maxrss (KiB on Linux) is the kernel's high-water mark, updated lazily: it can trail the current RSS.
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss)
+    return {"memory/peak_rss_gib": peak / GIB, "memory/rss_gib": rss / GIB}
 
 
 def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
