@@ -9,6 +9,11 @@ to `flush_timeout_s`) and sets the run's final status: FINISHED, KILLED (stopped
 FAILED. `closes_runs_on_error` puts FAILED on a run whose training raised, KILLED on one
 stopped by Ctrl-C; a run that ends without being closed at all is marked FAILED at exit.
 
+System metrics (CPU, system memory, disk, network; NVIDIA GPUs when pynvml is installed) are
+MLflow's own: its SystemMetricsMonitor logs `system/...` into the run from rank 0's process
+every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10). Its thread ends at the first
+store error; the sender thread starts a new one once the store answers again.
+
 `probe_store(uri)` runs in the launching process, before any rank starts, and turns an
 unwritable location or a corrupt SQLite file into one sentence.
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 
 MAX_BUFFERED = 100_000  # metric values kept while the store is down (oldest go first; metrics.jsonl has all)
 BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics
+SYSTEM_METRICS_RESTART_S = 60  # at most one restart of MLflow's system-metrics thread a minute
 RETRY_S = (2, 5, 10, 20, 30)  # waits between tries while the store fails, then every 30 s
 FLUSH_TIMEOUT_S = 120.0  # how long close() waits for a failing store before giving up on the rest
 
@@ -69,11 +75,13 @@ class MLflowTracker:
     Calls return at once; a sender thread delivers them in order (see the module doc)."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 parent_run_id: str = "", tags: dict | None = None, flush_timeout_s: float = FLUSH_TIMEOUT_S):
+                 parent_run_id: str = "", tags: dict | None = None, flush_timeout_s: float = FLUSH_TIMEOUT_S,
+                 system_metrics: bool = True):
         from mlflow import MlflowClient
 
         self.uri = tracking_uri_or_default(tracking_uri)
         self.client = MlflowClient(self.uri)
+        self.system: SystemMetrics | None = None
         self.flush_timeout_s = flush_timeout_s
         self.run_id = None
         self.closed = False
@@ -90,9 +98,11 @@ class MLflowTracker:
                  f"({first_line(e)}); training continues without MLflow, metrics.jsonl keeps every step")
             self.closed = True
             return
+        self.system = SystemMetrics(self.run_id, self.uri, resumed=bool(run_id)) if system_metrics else None
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
-        quiet_store_errors_of(self._thread)
+        logging.getLogger("mlflow.store.db.utils").addFilter(not_from_tracking_threads)  # added once
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(first_line_only)
         _open_trackers.add(self)
 
     # -- opening the run (synchronous: the run id goes into every checkpoint)
@@ -143,6 +153,8 @@ class MLflowTracker:
             self._closing_until = time.monotonic() + self.flush_timeout_s
             self._cond.notify()
         self._thread.join(self.flush_timeout_s + 30)  # one stuck SQLite call waits 20 s at most
+        if self.system is not None:
+            self.system.finish(timeout_s=30)  # its last samples, before the run stops being RUNNING
         unsent = sum(len(op[1]) for op in self._ops if op[0] == "metrics") + self.dropped
         try:
             self._retry_until_deadline(lambda: self.client.set_terminated(self.run_id, status))
@@ -210,6 +222,8 @@ class MLflowTracker:
                 print(f"[scaling] MLflow store {self.uri} answers again after "
                       f"{time.monotonic() - self.failing_since:.0f} s; sending the buffered metrics", flush=True)
                 self.failing_since, tries = None, 0
+            if self.system is not None and not self.closed:
+                self.system.restart_if_ended()  # the store answers: system metrics can go on
 
     def _wait(self, seconds: float) -> None:
         """Sleep between tries; new metrics do not cut it short (each step notifies), closing does
@@ -250,14 +264,59 @@ class MLflowTracker:
                 time.sleep(2)
 
 
-def quiet_store_errors_of(thread: threading.Thread) -> None:
-    """MLflow's SQL store logs a full traceback for every failed call; the sender thread's
-    failures are reported once by the tracker instead."""
+def first_line_only(record: logging.LogRecord) -> bool:
+    """MLflow's system-metrics warnings quote the failed SQL statement over many lines; its first says it all."""
+    record.msg, record.args = first_line(Exception(record.getMessage())), None
+    return True
 
-    def from_other_threads(record: logging.LogRecord) -> bool:
-        return record.thread != thread.ident
 
-    logging.getLogger("mlflow.store.db.utils").addFilter(from_other_threads)
+class SystemMetrics:
+    """MLflow's SystemMetricsMonitor on one run, started at once; `restart_if_ended` starts a new
+    one (continuing its step count) when MLflow's thread has ended on a store error."""
+
+    def __init__(self, run_id: str, uri: str, resumed: bool):
+        self.run_id, self.uri = run_id, uri
+        self.monitor = None
+        self.unavailable = False  # MLflow could not start it here at all (e.g. psutil missing)
+        self.started_at = 0.0
+        self._start(resume=resumed)
+
+    def _start(self, resume: bool) -> None:
+        self.started_at = time.monotonic()
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are a nicety; training goes on without them
+            self.monitor, self.unavailable = None, True
+            warn(f"MLflow system metrics are off for run {self.run_id} ({first_line(e)})")
+
+    def running(self) -> bool:
+        thread = getattr(self.monitor, "_process", None)  # MLflow's monitor thread; None once finished
+        return thread is not None and thread.is_alive()
+
+    def restart_if_ended(self) -> None:
+        if self.unavailable or self.running() or time.monotonic() - self.started_at < SYSTEM_METRICS_RESTART_S:
+            return
+        self._start(resume=True)
+
+    def finish(self, timeout_s: float) -> None:
+        """Stop sampling and send what MLflow's monitor holds, waiting at most `timeout_s` for the store."""
+        if self.monitor is None:
+            return
+        done = threading.Thread(target=self.monitor.finish, name="mlflow-system-metrics-finish", daemon=True)
+        done.start()
+        done.join(timeout_s)
+
+
+TRACKING_THREADS = ("mlflow-sender", "SystemMetricsMonitor")
+
+
+def not_from_tracking_threads(record: logging.LogRecord) -> bool:
+    """MLflow's SQL store logs a full traceback for every failed call; the sender thread reports
+    an outage once itself, MLflow's system-metrics thread with one warning line."""
+    return record.threadName not in TRACKING_THREADS
 
 
 def closes_runs_on_error(run):
@@ -315,10 +374,11 @@ def slurm_tags() -> dict:
 
 
 def make_tracker(rank: int, enabled: bool, tracking_uri: str, experiment: str, run_name: str = "",
-                 run_id: str | None = None, parent_run_id: str = "", tags: dict | None = None):
+                 run_id: str | None = None, parent_run_id: str = "", tags: dict | None = None,
+                 system_metrics: bool = True):
     if rank != 0 or not enabled:
         return NullTracker()
-    return MLflowTracker(tracking_uri, experiment, run_name, run_id, parent_run_id, tags)
+    return MLflowTracker(tracking_uri, experiment, run_name, run_id, parent_run_id, tags, system_metrics=system_metrics)
 
 
 # ---------------------------------------------------------------- before launch

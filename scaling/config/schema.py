@@ -155,6 +155,7 @@ class TrackingConfig:
     experiment: str = "scaling"
     run_name: str = ""
     parent_run_id: str = ""  # set by `scaling pipeline`: stage runs nest under the pipeline run
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) of rank 0's node, as `system/...`
 
 
 @dataclass

@@ -57,6 +57,7 @@ class CompareSpec:
     decoder_ratio: float = 0.5
     with_unmasked: bool = False
     num_classes: int = 710  # head of the unmasked and MAR (fine-tune) variants
+    unmasked_head: str = "linear"  # head of the unmasked variant (a fine-tune run counting its own step may differ)
     finetune: bool = False  # "unmasked" plus MAR's masked fine-tune step per head in finetune_heads
     finetune_heads: tuple[str, ...] = ("linear", "bridging")
     finetune_ratio: float = 0.5  # share of tokens MAR's running-cell mask drops before the encoder
@@ -144,7 +145,7 @@ def make_step(variant: str, spec: CompareSpec, device: str | torch.device):
         if variant == "unmasked" or mar:
             rec = mar is not None and spec.finetune_reconstruction > 0
             model = build_classifier(spec.model, spec.num_classes, spec.frames, spec.input_size,
-                                     head=mar or "linear", reconstruction=rec)
+                                     head=mar or spec.unmasked_head, reconstruction=rec)
         else:
             model = build_pretrain_model(spec.model, spec.frames, spec.input_size)
         video = torch.randn(spec.batch, 3, spec.frames, spec.input_size, spec.input_size) if real else \

@@ -12,14 +12,17 @@ two runs. MLflow: one parent run per
 pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
 did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
 ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
+While a stage runs, a progress line every 10 s; at the end, a summary table (scaling/pipeline/progress.py).
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 from scaling.pipeline.lineage import Lineage
+from scaling.pipeline.progress import StageProgress, stage_result, summary_table
 from scaling.pipeline.spec import Pipeline, Stage, load_pipeline, select
 from scaling.pipeline.state import complete_stage, finished, resolve, start_stage
 
@@ -58,15 +61,20 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
 def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
     from scaling.train.signals import stopped_early
 
-    summary = {}
+    summary, table = {}, {}
     for stage in todo:
         cfg, fp = resolve(pipe, stage, lineage.parent_id)
+        label = f"{pipe.stages.index(stage) + 1}/{len(pipe.stages)} {stage.name}"  # "2/3 postpretrain"
+        seconds = None
         if finished(stage, fp):
             print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
         else:
             config = start_stage(stage, cfg, fp)
-            print(f"[pipeline] {stage.name}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
-            code = launch_stage(stage, config, pipe.ranks)
+            print(f"[pipeline] stage {label}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
+            began = time.monotonic()
+            with StageProgress(label, stage.dir / "metrics.jsonl"):
+                code = launch_stage(stage, config, pipe.ranks, label)
+            seconds = time.monotonic() - began
             if code != 0:
                 lineage.fail_stage_run(stage)
                 raise stage_failed(stage, code)
@@ -76,6 +84,8 @@ def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
                                         "with its checkpoint saved; re-run the same command to resume it")
             complete_stage(stage, cfg, fp)
         summary[stage.name] = lineage.record(stage, pipe.previous(stage))
+        table[stage.name] = {**stage_result(stage.dir, seconds), "weights": stage.export}
+    print("[pipeline] summary:\n" + summary_table(table), flush=True)
     return summary
 
 
@@ -83,15 +93,18 @@ LOGS = "logs"
 TORCHRUN_LOG_ENV = {"PET_LOG_DIR": None, "PET_TEE": "3"}  # torchrun's --log-dir and --tee, read from its environment
 
 
-def launch_stage(stage: Stage, config: Path, ranks: int) -> int:
+def launch_stage(stage: Stage, config: Path, ranks: int, label: str = "") -> int:
     """The stage's ranks on this machine; torchrun also writes every rank's output under
-    <stage>/logs/<run>/attempt_<n>/<local rank>/{stdout,stderr}.log, which a failure names."""
+    <stage>/logs/<run>/attempt_<n>/<local rank>/{stdout,stderr}.log, which a failure names.
+    `label` ("2/3 postpretrain") goes into the ranks' step lines."""
     from scaling.launch import launch_local
+    from scaling.train.step_metrics import STAGE_ENV
 
     logs = stage.dir / LOGS
     logs.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in TORCHRUN_LOG_ENV}
-    os.environ.update({k: v or str(logs) for k, v in TORCHRUN_LOG_ENV.items()})
+    env = {**{k: v or str(logs) for k, v in TORCHRUN_LOG_ENV.items()}, STAGE_ENV: label}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return launch_local("train", config, ranks)
     finally:

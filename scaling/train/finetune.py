@@ -32,13 +32,14 @@ from scaling.models.classify import VideoClassifier, build_classifier
 from scaling.precision import input_dtype
 from scaling.tracking import closes_runs_on_error
 from scaling.train import run  # the run skeleton shared with pre-training
-from scaling.train.engine import build_model, clips_per_step, initialize, peak_lr, run_steps
+from scaling.train.engine import build_model, initialize, peak_lr, run_steps
 from scaling.train.guard import DivergenceGuard
 from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
 from scaling.use.validation import Validation
+from scaling.train.step_metrics import StepMetrics
 
 
 def train_loader_for(cfg: RunConfig, rank: int, world: int):
@@ -151,9 +152,11 @@ def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
     groups = kind.groups(model, cfg)
     engine, scheduler = initialize(model, cfg, ds_config, groups, total, warmup)
     validation = Validation(cfg, rank, world, steps_per_epoch)  # finetune.eval_every
+    perf = StepMetrics(cfg, rank, world)  # FLOPs per step, device peak; times steps and data wait
 
     state, tracker = run.resume_and_track(engine, scheduler, cfg, rank, ds_config, {
-        "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg)}, resume_tag)
+        "world_size": world, "steps_total": total, "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr(cfg),
+        **perf.params()}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
         print(f"[scaling] {cfg.stage} {'resuming at step ' + str(start) if start else 'starting'}: {kind.describe(cfg)}, "
@@ -166,8 +169,9 @@ def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
     end = min(total, start + t.max_steps_this_run) if t.max_steps_this_run else total
     stop = StopRequest(out, rank)
     guard = DivergenceGuard(t.max_nonfinite_steps, t.precision, start)
+    perf.set_range(start, end, total)
     for step in range(start, end):
-        t0 = time.perf_counter()
+        perf.step_started()
         torch.manual_seed(run.step_seed(t.seed, step, rank=rank + 1))  # drop path, random erasing in-process
         np.random.seed(run.step_seed(t.seed, step, rank=rank + 1))  # timm's Mixup draws from numpy
         # Layer decay lives in each group's lr (peak x lr_scale); the schedule scales all alike.
@@ -175,7 +179,8 @@ def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
         lr_lowest = min(g["lr"] for g in scheduler.optimizer.param_groups)
         parts: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
-            batch = next(batches)
+            with perf.waiting_for_data():
+                batch = next(batches)
             video, target = batch["video"], batch["label"]  # (B, 3, T, H, W), (B,)
             if mixup is not None:
                 video, target = mixup(video, target)  # target: (B, classes) soft
@@ -193,16 +198,17 @@ def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
         finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         if f.reconstruction_weight <= 0:
             losses = {}  # loss_cls is the loss itself
-        seconds = time.perf_counter() - t0
+        perf.step_ended()
         logging = (step + 1) % t.log_every == 0
         counters = run.summed(loader.stats) if logging else {}
+        figures = perf.collect(step + 1) if logging else {}  # throughput, MFU, data wait, memory, ETA
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            run.log_step(tracker, out, step + 1, total, {
-                "loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr, "lr_lowest_layer": lr_lowest,
-                "step_time_s": seconds, "clips_per_s": clips_per_step(cfg) / seconds,
-                "epoch": (step + 1) / steps_per_epoch, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                **{f"data/{k}": v for k, v in counters.items()}})
+            metrics = {"loss": step_loss, **losses, "train/skipped_steps": guard.skipped, "lr": lr,
+                       "lr_lowest_layer": lr_lowest, **figures, "epoch": (step + 1) / steps_per_epoch,
+                       **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                       **{f"data/{k}": v for k, v in counters.items()}}
+            run.log_step(tracker, out, step + 1, total, metrics, perf.line(step + 1, metrics))
         state = run.client_state(step + 1, tracker, t.seed, epoch=(step + 1) // steps_per_epoch)
         validation.after_step(engine, tracker, step + 1, state)
         if run.end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):
@@ -212,14 +218,18 @@ def run_finetune(cfg: RunConfig, kind: SupervisedModel = FINETUNE) -> dict:
     results = {}
     if end == total and f.val_shards:
         validation.load_for_test(engine)
+        began = time.perf_counter()
         results = evaluate(engine, cfg, rank, world)
         if rank == 0:
+            results["seconds"] = time.perf_counter() - began
+            results["videos_per_s"] = results["videos"] / results["seconds"]
             per_class = results.pop("per_class_accuracy")
             (out / "eval.json").write_text(json.dumps({**results, "per_class_accuracy": per_class}, indent=2))
             tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, step=end)
             tracker.log_artifact(str(out / "eval.json"))
             print(f"[scaling] eval: top1 {results['top1']:.2f} top5 {results['top5']:.2f} on {results['videos']} videos "
-                  f"({f.test_clips} clips x {f.test_crops} crops)", flush=True)
+                  f"({f.test_clips} clips x {f.test_crops} crops) in {results['seconds']:.1f} s, "
+                  f"{results['videos_per_s']:.2f} videos/s", flush=True)
     if end == total:
         validation.export_best(tracker)
     run.close_run(tracker, stop, rank)

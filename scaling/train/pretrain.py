@@ -6,7 +6,6 @@ so a run resumed from a checkpoint sees the same clips and masks as an uninterru
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from scaling.train.run import (
     summed,
 )
 from scaling.train.signals import StopRequest
+from scaling.train.step_metrics import StepMetrics
 
 
 def masks_for_rank(cfg: RunConfig, grid, step: int, micro: int, rank: int, clips_per_rank: int, world: int):
@@ -83,10 +83,11 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     model.set_grad_checkpointing(m.activation_checkpointing)
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     engine, scheduler = initialize(model, cfg, ds_config)
+    perf = StepMetrics(cfg, rank, world)  # FLOPs per step, device peak; times steps and data wait
 
     state, tracker = resume_and_track(engine, scheduler, cfg, rank, ds_config, {
         "world_size": world, "micro_batch": micro_batch(cfg, world), "peak_lr": peak_lr(cfg),
-        "clips_per_step": clips_per_step(cfg)}, resume_tag)
+        "clips_per_step": clips_per_step(cfg), **perf.params()}, resume_tag)
     start = state.get("step", 0)
     if rank == 0:
         print(f"[scaling] {'resuming at step ' + str(start) if start else 'starting'}: {m.name}, {world} ranks, "
@@ -95,6 +96,7 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     end = cfg.train.steps
     if cfg.train.max_steps_this_run:
         end = min(end, start + cfg.train.max_steps_this_run)
+    perf.set_range(start, end, cfg.train.steps)
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, data_stats = make_batches(cfg, rank, world, start)
     dtype = input_dtype(cfg.train.precision)
@@ -102,12 +104,13 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
     guard = DivergenceGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, start)
     losses = []
     for step in range(start, end):
-        t0 = time.perf_counter()
+        perf.step_started()
         torch.manual_seed(step_seed(cfg.train.seed, step, rank=rank + 1))  # drop path
         lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
         step_loss = torch.zeros(())
         for micro in range(cfg.train.grad_accum):
-            video = next(batches)["video"]  # (B, 3, T, H, W) normalized, float32
+            with perf.waiting_for_data():
+                video = next(batches)["video"]  # (B, 3, T, H, W) normalized, float32
             enc, dec = masks_for_rank(cfg, grid, step, micro, rank, clips_per_rank, world)  # (B, N) bool
             target = normalized_pixel_target(video, patch, tubelet)  # (B, N, 2*p*p*3) float32
             prediction = engine(video.to(dtype), enc, dec)  # (B, N_dec, 2*p*p*3)
@@ -119,17 +122,17 @@ def run_pretrain(cfg: RunConfig) -> list[float]:
         step_loss = step_loss.item() / world
         finite = guard.check(engine, step, step_loss)  # DeepSpeed did not apply it if not
         losses.append(step_loss)
-        seconds = time.perf_counter() - t0
+        perf.step_ended()
         logging = (step + 1) % cfg.train.log_every == 0
         # Loader counters (decoded videos, skipped bad samples, per-source draws), all ranks summed.
         counters = summed(data_stats()) if logging else {}
+        figures = perf.collect(step + 1) if logging else {}  # throughput, MFU, data wait, memory, ETA
         if rank == 0 and logging:
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, "step_time_s": seconds,
-                       "clips_per_s": clips_per_step(cfg) / seconds,
+            metrics = {"loss": step_loss, "train/skipped_steps": guard.skipped, "lr": lr, **figures,
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"data/{k}": v for k, v in counters.items()}}
-            log_step(tracker, out, step + 1, cfg.train.steps, metrics)
+            log_step(tracker, out, step + 1, cfg.train.steps, metrics, perf.line(step + 1, metrics))
         state = client_state(step + 1, tracker, cfg.train.seed, epoch=epoch_of(cfg, step + 1),
                              micro_batches_consumed=(step + 1) * cfg.train.grad_accum)
         if end_of_step(engine, cfg, guard, stop, tracker, rank, step + 1, end, finite, step_loss, state):

@@ -52,7 +52,7 @@ def resume_and_track(engine, scheduler, cfg: RunConfig, rank: int, ds_config: di
         resync_lr(scheduler)  # the run may have been resumed with a longer schedule
     t = cfg.tracking
     tracker = make_tracker(rank, t.enabled, t.tracking_uri, t.experiment, t.run_name, run_id=state.get("mlflow_run_id"),
-                           parent_run_id=t.parent_run_id, tags={"stage_kind": cfg.stage})
+                           parent_run_id=t.parent_run_id, tags={"stage_kind": cfg.stage}, system_metrics=t.system_metrics)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -108,12 +108,13 @@ def stop_if_diverged(guard: DivergenceGuard, tracker, out: Path, rank: int) -> N
         raise
 
 
-def log_step(tracker, out: Path, step: int, total: int, metrics: dict) -> None:
-    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console line."""
+def log_step(tracker, out: Path, step: int, total: int, metrics: dict, line: str = "") -> None:
+    """MLflow, a metrics.jsonl beside the checkpoints (what tests and scripts read), one console
+    line (`line`, e.g. StepMetrics.line, or a short default)."""
     tracker.log_metrics(metrics, step=step)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    print(f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+    print(line or f"[scaling] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
           f"{metrics['step_time_s']:.2f}s/step {metrics['clips_per_s']:.1f} clips/s", flush=True)
 
 

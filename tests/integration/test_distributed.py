@@ -22,9 +22,11 @@ def pretrain_cmd(out: Path, *overrides: str) -> list[str]:
     return [*SCALING, "pretrain", "--config", str(SMOKE), f"train.output_dir={out}", *overrides]
 
 
-def run(out: Path, *overrides: str, tmp: Path) -> list[dict]:
-    proc = subprocess.run(pretrain_cmd(out, *overrides), env=env_for(tmp), cwd=tmp, capture_output=True, text=True, timeout=600)
+def run(out: Path, *overrides: str, tmp: Path, **env) -> list[dict]:
+    proc = subprocess.run(pretrain_cmd(out, *overrides), env=env_for(tmp, **env), cwd=tmp, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (out / "stdout.txt").write_text(proc.stdout)
     return metrics(out)
 
 
@@ -110,7 +112,8 @@ def mix(shards: str) -> str:
 @pytest.fixture(scope="module")
 def full_run(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
-    rows = run(tmp / "run", "data.shards=''", mix(shards), *SHARD_RUN, tmp=tmp)
+    # MLflow's system metrics sample every second instead of every 10 s: the run is short.
+    rows = run(tmp / "run", "data.shards=''", mix(shards), *SHARD_RUN, tmp=tmp, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     return tmp, rows
 
 
@@ -163,6 +166,45 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(full_run):
     assert drawn["kinetics"] > drawn["ssv2"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json"} <= artifacts
+    # MLflow's own system metrics, sampled on rank 0 while it trained.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+
+
+PER_STEP_KEYS = {"step", "steps_total", "loss", "lr", "step_time_s", "clips_per_s", "encoder_tokens_per_s",
+                 "decoder_tokens_per_s", "flops_per_step", "tflops_per_s", "mfu", "data_wait_fraction",
+                 "memory/peak_rss_gib", "memory/rss_gib", "elapsed_s", "eta_s", "data/videos", "data/bad_samples"}
+
+
+def test_per_step_metrics_and_mfu_from_memory_compares_flop_count(full_run):
+    """2 ranks, ZeRO-3: every row of metrics.jsonl has the per-step figures, its FLOPs per step are
+    `scaling memory compare`'s count for the same model and per-rank batch (x ranks x accumulation),
+    and the MFU is that count over step time x the peak the run logged x ranks."""
+    tmp, rows = full_run
+    for row in rows:
+        assert PER_STEP_KEYS <= set(row), PER_STEP_KEYS - set(row)
+    # pretrain_smoke.yaml: 4 videos x 2 clips per step over 2 ranks, grad_accum 1 -> 4 clips per rank.
+    subprocess.run([*SCALING, "memory", "compare", "--model", "debug", "--frames", "16", "--input-size", "64",
+                    "--batch", "4", "--encoder-mask", "tube", "--encoder-ratio", "0.9", "--decoder-ratio", "0.5",
+                    "--no-time", "--no-mlflow", "--out-dir", str(tmp / "compare")], check=True, timeout=300,
+                   env=env_for(tmp), cwd=tmp, capture_output=True)
+    dual = json.loads((tmp / "compare" / "memory_compare_debug.json").read_text())["variants"]["dual"]
+    per_rank_batch = dual["forward_flops"]["total"] + dual["backward_flops"]["plain"]["total"]
+    assert {r["flops_per_step"] for r in rows} == {per_rank_batch * 2}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    (only,) = mlflow.search_runs(experiment_names=["pretrain_smoke"], output_format="list")
+    peak = float(only.data.params["peak_tflops_per_rank"])
+    assert only.data.params["peak_tflops_source"] == "measured CPU GEMM bf16"
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["flops_per_step"] / (r["step_time_s"] * peak * 1e12 * 2), rel=1e-9)
+        assert r["tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 1e12, rel=1e-9)
+        assert r["clips_per_s"] == pytest.approx(8 / r["step_time_s"], rel=1e-9)
+        assert 0 <= r["data_wait_fraction"] < 1 and r["memory/peak_rss_gib"] >= r["memory/rss_gib"] > 0.1
+    assert [r["steps_total"] for r in rows] == [8] * 8 and rows[-1]["eta_s"] == 0
+    assert rows[0]["eta_s"] == pytest.approx(7 * rows[0]["step_time_s"], rel=1e-6), "one step done: its time"
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
+    stdout = (tmp / "run" / "stdout.txt").read_text()
+    assert "[scaling] MFU vs measured CPU GEMM peak" in stdout
+    assert "[scaling] step 8/8 loss" in stdout and "clips/s" in stdout and "MFU" in stdout and "ETA 0:00:00" in stdout
 
 
 def test_export_loads_strictly_into_a_plain_model(full_run):

@@ -1,6 +1,7 @@
 """The three-stage pipeline on 2 local ranks (ZeRO-3, bf16): hand-off, kill + re-run, MLflow lineage."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -67,6 +68,20 @@ def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data,
     assert "bridging head, MAR running_cell 0.5 + reconstruction x 0.1" in rerun.stdout
     mar_rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert mar_rows and all(row["loss_rec"] > 0 and "loss_cls" in row for row in mar_rows)
+
+    # Progress: a line per running stage at least every 10 s (a stage starts its ranks for longer
+    # than that here), the stage in the ranks' step lines, and the summary table at the end.
+    for label in ("2/3 postpretrain", "3/3 finetune"):
+        assert re.search(rf"^\[pipeline\] stage {label}: (starting \(\d+ s\)|step \d+/\d+, loss)", rerun.stdout, re.M), label
+    assert re.search(r"\[scaling\] step \d+/\d+ \(stage 3/3 finetune\) loss .* MFU .* ETA ", rerun.stdout)
+    table = rerun.stdout[rerun.stdout.index("[pipeline] summary:"):].splitlines()[1:5]
+    assert table[0].split() == ["stage", "steps", "time", "final", "loss", "top-1", "weights"]
+    pretrain_row, post_row, fine_row = (line.split() for line in table[1:])
+    assert pretrain_row[:3] == ["pretrain", "4/4", "earlier"] and pretrain_row[-1] == str(out / "pretrain" / "export" / "model_fp32.pt")
+    steps = mar_rows[-1]["step"]
+    assert fine_row[:2] == ["finetune", f"{steps}/{steps}"] and re.fullmatch(r"\d+:\d\d:\d\d", fine_row[2])
+    assert fine_row[3:5] == [f"{mar_rows[-1]['loss']:.4f}", f"{result['top1']:.2f}"]
+    assert post_row[0] == "postpretrain" and post_row[4] == "-", "no evaluation in post-pre-training"
 
     # MLflow: one parent run, three nested stage runs reused across the kill, lineage tags.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -130,6 +130,44 @@ def test_finished_run_reports_finished_and_resume_reopens_it(tmp_path, monkeypat
     assert run.info.status == "KILLED" and run.data.params == {"a": "1", "b": "2"}
 
 
+def test_system_metrics_go_on_after_a_store_outage(tmp_path, monkeypatch, capfd):
+    """MLflow's own system-metrics monitor logs CPU and memory into the run; a locked store ends
+    its thread (MLflow's design), and the tracker starts a new one, continuing the step count,
+    once the store answers again. The tracker itself keeps taking metrics throughout."""
+    from scaling import tracking
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_RESTART_S", 0)
+    tracker, client = tracker_in(tmp_path)
+    wait_until(lambda: len(client.get_metric_history(tracker.run_id, "system/cpu_utilization_percentage")) >= 2, 60)
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=60)
+    lock.execute("BEGIN EXCLUSIVE")
+    tracker.log_metrics({"loss": 1.0}, step=1)  # queued while the store is locked
+    wait_until(lambda: not tracker.system.running(), 60)  # MLflow's thread gave up (SQLite's 20 s busy wait)
+    lock.execute("ROLLBACK")
+    lock.close()
+    before = len(client.get_metric_history(tracker.run_id, "system/cpu_utilization_percentage"))
+    tracker.log_metrics({"loss": 0.5}, step=2)
+    wait_until(lambda: tracker.system.running(), 60)
+    time.sleep(1.5)
+    tracker.close("FINISHED")
+    history = client.get_metric_history(tracker.run_id, "system/cpu_utilization_percentage")
+    steps = sorted(m.step for m in history)
+    assert len(steps) > before and steps == list(range(len(steps))), steps  # continued, not restarted at 0
+    assert {"system/system_memory_usage_megabytes", "loss"} <= set(client.get_run(tracker.run_id).data.metrics)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2]
+    err = capfd.readouterr().err
+    assert "Failed to get mlflow run: (sqlite3.OperationalError) database is locked" in err
+    assert "SELECT" not in err, "the failed SQL statement is not printed"
+
+
+def wait_until(condition, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def test_unwritable_or_corrupt_store_is_refused_before_launch(tmp_path, capsys):
     not_a_folder = tmp_path / "a_file"
     not_a_folder.write_text("")
