@@ -38,8 +38,8 @@ from scaling.train.init_weights import load_initial_weights
 from scaling.train.param_groups import layer_decay_groups
 from scaling.train.schedule import steps_per_epoch as epoch_length
 from scaling.train.signals import StopRequest
-from scaling.use.validation import Validation
 from scaling.train.step_metrics import StepMetrics
+from scaling.use.validation import Validation
 
 
 def train_loader_for(cfg: RunConfig, rank: int, world: int):
