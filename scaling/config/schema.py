@@ -128,7 +128,8 @@ class TrainConfig:
     grad_accum: int = 1
     ranks: int = 1  # local processes when `scaling pretrain` launches them itself
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    zero_stage: int = 3
+    # 0-3, or "auto": the lowest stage whose per-GPU memory fits (scaling/memory/zero_choice.py)
+    zero_stage: int | str = 3
     ds_config: str = "ds_configs/zero3_bf16.json"
     seed: int = 0
     save_every: int = 50  # steps between checkpoints; the last step always saves

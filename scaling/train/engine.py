@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 
 import deepspeed
@@ -45,8 +46,18 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds["gradient_clipping"] = cfg.optim.clip_grad
     ds["bf16"] = {"enabled": t.precision == "bf16"}
     ds["fp16"] = {"enabled": t.precision == "fp16", "auto_cast": False, "initial_scale_power": 16}
-    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    ds.setdefault("zero_optimization", {})["stage"] = zero_stage_of(cfg, world_size)
     return ds
+
+
+def zero_stage_of(cfg: RunConfig, world_size: int) -> int:
+    """train.zero_stage, with `auto` decided here and the choice printed once (rank 0) at start."""
+    from scaling.memory.zero_choice import resolve_zero_stage
+
+    choice = resolve_zero_stage(cfg, world_size)
+    if cfg.train.zero_stage == "auto" and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[scaling] {choice.reason}", flush=True)
+    return choice.stage
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
