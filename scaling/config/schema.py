@@ -130,6 +130,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     # 0-3, or "auto": the lowest stage whose per-GPU memory fits (scaling/memory/zero_choice.py)
     zero_stage: int | str = 3
+    compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile() (scaling/train/engine.py)
     ds_config: str = "ds_configs/zero3_bf16.json"
     seed: int = 0
     save_every: int = 50  # steps between checkpoints; the last step always saves

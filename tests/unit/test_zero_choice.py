@@ -58,3 +58,10 @@ def test_the_run_prints_its_choice_at_start(capsys, monkeypatch):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"[scaling] train.zero_stage=auto chose ZeRO-{ds['zero_optimization']['stage']}: debug at ")
     assert "CPU ranks of" in line
+
+
+def test_compile_with_an_explicit_zero3_is_refused_before_launch():
+    validate(vit_g("train.compile=true"), 2, check_files=False)  # auto: compiles unless it picks ZeRO-3
+    with pytest.raises(ConfigError, match=r"^train.compile=true does not work with train.zero_stage=3 .* use "
+                                          r"train.zero_stage=auto, 1 or 2, or train.compile=false$"):
+        validate(vit_g("train.compile=true", "train.zero_stage=3"), 2, check_files=False)
