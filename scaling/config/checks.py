@@ -121,8 +121,11 @@ def validate(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
         raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision '{t.precision}' is unknown; choose auto, bf16, fp16 or fp32")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.zero_stage not in (0, 1, 2, 3, "auto"):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2, 3 or auto, got {t.zero_stage!r}")
+    if t.compile and t.zero_stage == 3:
+        raise ConfigError("train.compile=true does not work with train.zero_stage=3 (torch.compile cannot trace ZeRO-3's "
+                          "partitioned parameters); use train.zero_stage=auto, 1 or 2, or train.compile=false")
     if check_files:
         resolve_ds_config(t.ds_config)
     if d.source not in ("shards", "noise"):

@@ -133,7 +133,9 @@ class TrainConfig:
     # auto (bf16 on GPUs that have it, fp16 on those that do not; on CPUs whichever a timed block
     # says is faster, scaling/precision.py) | bf16 | fp16 | fp32
     precision: str = "auto"
-    zero_stage: int = 3
+    # 0-3, or "auto": the lowest stage whose per-GPU memory fits (scaling/memory/zero_choice.py)
+    zero_stage: int | str = 3
+    compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile() (scaling/train/engine.py)
     ds_config: str = "ds_configs/zero3_bf16.json"
     seed: int = 0
     save_every: int = 50  # steps between checkpoints; the last step always saves

@@ -68,7 +68,17 @@ def starts_from(pipe: Pipeline, stage: Stage) -> str:
     return f"file {init}" if init else "scratch (random init)"
 
 
-def stage_values(pipe: Pipeline, stage: Stage, job_ranks: int | None) -> dict:
+def zero_stage_row(cfg: RunConfig, gpus_per_node: int, nodes: int) -> dict:
+    """The ZeRO stage a run will use: as set, or what `auto` picks for that job on 80 GiB GPUs."""
+    if cfg.train.zero_stage != "auto":
+        return {"setting": cfg.train.zero_stage, "stage": cfg.train.zero_stage, "reason": "set in the recipe"}
+    from scaling.memory.zero_choice import DEFAULT_GPU_MEMORY_GB, choose_zero_stage
+
+    choice = choose_zero_stage(cfg, gpus_per_node, nodes, DEFAULT_GPU_MEMORY_GB)
+    return {"setting": "auto", "stage": choice.stage, "reason": choice.reason}
+
+
+def stage_values(pipe: Pipeline, stage: Stage, job_ranks: int | None, shape=None) -> dict:
     cfg = stage.config
     o, t, d, m, k, f = cfg.optim, cfg.train, cfg.data, cfg.model, cfg.mask, cfg.finetune
     supervised = cfg.stage in SUPERVISED_STAGES
@@ -102,6 +112,7 @@ def stage_values(pipe: Pipeline, stage: Stage, job_ranks: int | None) -> dict:
                      else "stride " + ", ".join(f"{s.name} {s.stride}" for s in sources)),
         "test_views": f"{f.test_clips} clips x {f.test_crops} crops" if supervised else None,
         "sources": [{"name": s.name, "shards": s.shards, "weight": s.weight} for s in sources],
+        "zero": zero_stage_row(cfg, shape.gpus_per_node, shape.nodes) if shape else zero_stage_row(cfg, pipe.ranks, 1),
     }
     return values
 
@@ -118,7 +129,7 @@ def show_pipeline(path: str, overrides: list[str] = ()) -> list[dict]:
             validate(stage.config, job_ranks or pipe.ranks, check_files=False)
         except ConfigError as e:
             raise ConfigError(f"stage '{stage.name}': {e}") from None
-        rows.append(stage_values(pipe, stage, job_ranks))
+        rows.append(stage_values(pipe, stage, job_ranks, shape))
     return rows
 
 
@@ -161,6 +172,7 @@ def format_table(rows: list[dict]) -> str:
             ("sampling", r["sampling"]),
             ("test views", r["test_views"] or "-"),
             ("data", ", ".join(f"{s['name']} (weight {s['weight']:g})" for s in r["sources"])),
+            ("ZeRO", f"stage {r['zero']['stage']}" + (f" ({r['zero']['reason']})" if r["zero"]["setting"] == "auto" else "")),
         ]
         out.append(f"{r['stage']} [{r['kind']}, {r['model']}]")
         out += [f"  {k:<16}{v}" for k, v in lines]

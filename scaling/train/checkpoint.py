@@ -321,8 +321,10 @@ def convert_to_universal(tag_dir: Path, out: Path) -> None:
     """DeepSpeed's converter in a child process (it starts worker pools of its own); a partial
     output from an interrupted conversion is removed first."""
     shutil.rmtree(out, ignore_errors=True)
+    # --inject_missing_state: ZeRO-1/2 checkpoints of a plain module carry no `universal_checkpoint_info`
+    # (only ZeRO-3's conversion does without it); DeepSpeed's converter then adds the default one.
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)

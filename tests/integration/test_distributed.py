@@ -59,12 +59,14 @@ def test_two_rank_zero3_matches_one_rank_and_checkpointing_changes_nothing(tmp_p
     assert [r["grad_norm"] for r in two_no_ac] == [r["grad_norm"] for r in two]
 
 
-def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path):
+@pytest.mark.parametrize("stage", ["3", "auto"])  # auto: ZeRO-1 here, as on 80 GB GPUs for every recipe
+def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path, stage):
     """A job requeued onto fewer ranks resumes through DeepSpeed's universal checkpoint."""
-    reference = run(tmp_path / "reference", *NOISE, "train.ranks=2", tmp=tmp_path)
+    noise = [*NOISE, f"train.zero_stage={stage}"]
+    reference = run(tmp_path / "reference", *noise, "train.ranks=2", tmp=tmp_path)
     out = tmp_path / "resharded"
-    run(out, *NOISE, "train.ranks=2", "train.max_steps_this_run=2", tmp=tmp_path)
-    resumed = subprocess.run(pretrain_cmd(out, *NOISE, "train.ranks=1"), env=env_for(tmp_path), cwd=tmp_path,
+    run(out, *noise, "train.ranks=2", "train.max_steps_this_run=2", tmp=tmp_path)
+    resumed = subprocess.run(pretrain_cmd(out, *noise, "train.ranks=1"), env=env_for(tmp_path), cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "written by 2 ranks, this run has 1" in resumed.stdout

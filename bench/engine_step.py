@@ -1,0 +1,305 @@
+"""Seconds per optimizer step through our DeepSpeed engine, next to plain torch DDP, on local ranks.
+
+    python bench/engine_step.py --model vit_b --arms ddp,ddp_compiled,zero1,zero2,zero3,auto_compiled \
+        --rounds 2 --steps 2 --out bench/results/engine_step_vit_b.json
+
+Each arm is one `torchrun --nproc-per-node RANKS` launch of this file (`--worker`); the arms run
+interleaved (A, B, C, A, B, C, ...) so that load from other work on the machine falls on all of
+them alike, and the load averages go into the JSON. Every arm trains the same pre-training model
+(`scaling.models.pretrain`) from the same seed on the same I/O-free clips (`data.source=noise`),
+the same masks, normalized-pixel target and loss as `scaling pretrain`, with the same per-rank
+batch.
+
+Arms:
+  ddp, ddp_compiled         torch DistributedDataParallel + torch AdamW (the plain data-parallel
+                            baseline; `_compiled`: torch.compile of the DDP-wrapped model)
+  zero1, zero2, zero3, auto our engine (`scaling.train.engine`, as `scaling pretrain` builds it) at
+                            that ZeRO stage (`auto`: train.zero_stage=auto)
+  suffix _compiled          train.compile=true;  suffix _ckpt: activation checkpointing
+
+Each engine step is timed by phase, as the training loop runs it (scaling/train/pretrain.py):
+data (next clip batch), inputs (masks + target), forward (+ loss), backward (engine.backward:
+autograd and, for ZeRO-1/2, the gradient reduction it triggers), optimizer (engine.step), rest
+(the loop's per-step loss all-reduce and the divergence check). `comm_s` per phase is the time
+DeepSpeed's comms logger measured in its collectives during that phase. The first `--warmup`
+steps of each launch (compilation, ZeRO-3's trace) are reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("data", "inputs", "forward", "backward", "optimizer", "rest")
+
+
+# ---------------------------------------------------------------- one rank
+
+def run_config(args, arm: str, out_dir: str):
+    from scaling.config import load_config
+
+    stage = arm.split("_")[0]
+    overrides = [f"model.name={args.model}", "data.source=noise", f"train.precision={args.precision}",
+                 f"train.global_batch={args.videos_per_rank * args.ranks}", f"data.num_sample={args.num_sample}",
+                 f"train.steps={args.warmup + args.steps}", "optim.warmup_steps=0", "tracking.enabled=false",
+                 f"train.output_dir={out_dir}", f"model.activation_checkpointing={'_ckpt' in arm}",
+                 f"train.zero_stage={'auto' if stage == 'auto' else stage.removeprefix('zero') if stage != 'ddp' else 1}",
+                 f"train.compile={'_compiled' in arm}", f"train.ds_config={args.ds_config}"]
+    return load_config(None, overrides)
+
+
+class PhaseTimer:
+    """Wall seconds per phase of one step, and the collective time DeepSpeed's comms logger saw in it."""
+
+    def __init__(self):
+        self.seconds, self.comm = {}, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        comm0, t0 = comm_seconds(), time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.comm[name] = self.comm.get(name, 0.0) + comm_seconds() - comm0
+
+
+def comm_seconds() -> float:
+    """Total latency (s) of the collectives DeepSpeed's comms logger has recorded so far. Each
+    record holds its op's timer read without reset, i.e. running totals (ms): the largest is the total."""
+    from deepspeed.comm.comm import comms_logger
+
+    return sum(max(max(r[1]) for r in sizes.values()) for sizes in comms_logger.comms_dict.values()) / 1000
+
+
+def engine_arm(cfg, rank: int, world: int):
+    """Our engine, built as `scaling pretrain` builds it; returns step(step_index) -> PhaseTimer."""
+    import torch
+    import torch.distributed as dist
+
+    from scaling.config import micro_batch
+    from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+    from scaling.models.pretrain import build_pretrain_model
+    from scaling.precision import input_dtype
+    from scaling.train.engine import build_ds_config, build_model, initialize
+    from scaling.train.guard import DivergenceGuard
+    from scaling.train.pretrain import make_batches, masks_for_rank
+    from scaling.train.run import step_seed
+
+    ds_config = build_ds_config(cfg, world)
+    ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
+    model.set_grad_checkpointing(m.activation_checkpointing)
+    engine, _ = initialize(model, cfg, ds_config)
+    grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
+    clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
+    batches, _ = make_batches(cfg, rank, world, 0)
+    dtype = input_dtype(cfg.train.precision)
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, 0)
+
+    def step(i: int) -> PhaseTimer:
+        T = PhaseTimer()
+        torch.manual_seed(step_seed(cfg.train.seed, i, rank=rank + 1))
+        with T("data"):
+            video = next(batches)["video"]  # (B, 3, T, H, W)
+        with T("inputs"):
+            enc, dec = masks_for_rank(cfg, grid, i, 0, rank, clips_per_rank, world)
+            target = normalized_pixel_target(video, patch, tubelet)
+        with T("forward"):
+            loss = masked_reconstruction_loss(engine(video.to(dtype), enc, dec), target, enc, dec)
+        with T("backward"):
+            engine.backward(loss)
+        with T("optimizer"):
+            guard.optimizer_step(engine, i)
+        with T("rest"):
+            step_loss = loss.detach().float()
+            dist.all_reduce(step_loss)
+            guard.check(engine, i, step_loss.item() / world)
+        T.loss = step_loss.item() / world
+        return T
+
+    return step
+
+
+def ddp_arm(cfg, rank: int, world: int, compiled: bool):
+    """Plain torch DDP of the same model, AdamW with the same groups and lr; same step otherwise."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from scaling.config import micro_batch
+    from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
+    from scaling.models.pretrain import build_pretrain_model
+    from scaling.precision import input_dtype
+    from scaling.train.engine import adamw, param_groups, peak_lr
+    from scaling.train.pretrain import make_batches, masks_for_rank
+    from scaling.train.run import step_seed
+
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path)
+    model.set_grad_checkpointing(m.activation_checkpointing)
+    grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
+    optimizer = adamw(param_groups(model, cfg.optim.weight_decay), peak_lr(cfg), cfg.optim.betas)  # as the engine's
+    net = DistributedDataParallel(model)
+    if compiled:
+        net = torch.compile(net)
+    clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
+    batches, _ = make_batches(cfg, rank, world, 0)
+    dtype = input_dtype(cfg.train.precision)
+
+    def step(i: int) -> PhaseTimer:
+        T = PhaseTimer()
+        torch.manual_seed(step_seed(cfg.train.seed, i, rank=rank + 1))
+        with T("data"):
+            video = next(batches)["video"]
+        with T("inputs"):
+            enc, dec = masks_for_rank(cfg, grid, i, 0, rank, clips_per_rank, world)
+            target = normalized_pixel_target(video, patch, tubelet)
+        with T("forward"):
+            loss = masked_reconstruction_loss(net(video.to(dtype), enc, dec), target, enc, dec)
+        with T("backward"):
+            loss.backward()  # DDP's bucketed all-reduce runs inside
+        with T("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with T("rest"):
+            step_loss = loss.detach().float()
+            dist.all_reduce(step_loss)
+            step_loss.item()
+        T.loss = step_loss.item() / world
+        return T
+
+    return step
+
+
+def worker(args) -> None:
+    import torch
+
+    from scaling.train.run import init_ranks
+
+    rank, world = init_ranks()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = run_config(args, args.arm, tmp)
+        t0 = time.perf_counter()
+        if args.arm.startswith("ddp"):
+            step = ddp_arm(cfg, rank, world, "_compiled" in args.arm)
+        else:
+            step = engine_arm(cfg, rank, world)
+        build_s = time.perf_counter() - t0
+        records = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            T = step(i)
+            records.append({"step_s": time.perf_counter() - t0, "phases": T.seconds, "comm_s": T.comm, "loss": T.loss,
+                            "warmup": i < args.warmup})
+    if rank == 0:
+        Path(args.result).write_text(json.dumps({"arm": args.arm, "build_s": build_s, "threads": torch.get_num_threads(),
+                                                 "records": records}))
+
+
+# ---------------------------------------------------------------- the driver
+
+def launch(args, arm: str, result: Path) -> dict:
+    from scaling.launch import free_port
+
+    cmd = ["torchrun", f"--nproc-per-node={args.ranks}", f"--master-port={free_port()}", __file__, "--worker",
+           "--arm", arm, "--result", str(result), *worker_flags(args)]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS=str(args.threads))
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env=env, cwd=REPO,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"arm {arm} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return {**json.loads(result.read_text()), "launch_s": time.perf_counter() - t0}
+
+
+def worker_flags(args) -> list[str]:
+    return ["--model", args.model, "--precision", args.precision, "--ranks", str(args.ranks),
+            "--videos-per-rank", str(args.videos_per_rank), "--num-sample", str(args.num_sample),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--ds-config", args.ds_config]
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    out = {}
+    for arm, launches in runs.items():
+        steps = [r for launch_ in launches for r in launch_["records"] if not r["warmup"]]
+        median = statistics.median(r["step_s"] for r in steps)
+        phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in steps) for p in PHASES}
+        comm = {p: statistics.median(r["comm_s"].get(p, 0.0) for r in steps) for p in PHASES}
+        model = phases["forward"] + phases["backward"] - comm["backward"]
+        out[arm] = {"median_step_s": median, "min_step_s": min(r["step_s"] for r in steps),
+                    "steps_s": [r["step_s"] for r in steps], "phases_median_s": phases, "comm_median_s": comm,
+                    "outside_fwd_bwd_share": 1 - model / median,
+                    "warmup_s": [r["step_s"] for launch_ in launches for r in launch_["records"] if r["warmup"]],
+                    "build_s": [launch_["build_s"] for launch_ in launches], "loss_first": steps[0]["loss"],
+                    "threads_per_rank": launches[0]["threads"]}
+    for arm, s in out.items():  # ZeRO overhead: engine step over the plain-DDP step, compiled vs compiled
+        base = "ddp_compiled" if "_compiled" in arm else "ddp"
+        if not arm.startswith("ddp") and base in out:
+            s["over_ddp"] = s["median_step_s"] / out[base]["median_step_s"]
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'arm':<22}{'step s':>8}{'min s':>8}" + "".join(f"{p:>10}" for p in PHASES)
+             + f"{'comm s':>8}{'outside':>9}{'/ddp':>7}"]
+    for arm, s in summary.items():
+        lines.append(f"{arm:<22}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}"
+                     + "".join(f"{s['phases_median_s'][p]:10.2f}" for p in PHASES)
+                     + f"{sum(s['comm_median_s'].values()):8.2f}{s['outside_fwd_bwd_share']:9.0%}"
+                     + (f"{s['over_ddp']:7.2f}" if "over_ddp" in s else f"{'-':>7}"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--arm", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--arms", default="ddp,zero1,zero2,zero3", help="comma-separated, see the module doc")
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="OMP threads per rank")
+    p.add_argument("--videos-per-rank", type=int, default=1)
+    p.add_argument("--num-sample", type=int, default=2, help="clips per video")
+    p.add_argument("--steps", type=int, default=2, help="measured steps per launch")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per launch")
+    p.add_argument("--rounds", type=int, default=2, help="launches per arm, interleaved")
+    p.add_argument("--ds-config", default="ds_configs/zero3_bf16.json")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    arms = args.arms.split(",")
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for arm in arms:
+                runs[arm].append(launch(args, arm, Path(tmp) / f"{arm}_{r}.json"))
+                print(f"round {r} {arm}: {[round(x['step_s'], 2) for x in runs[arm][-1]['records']]} "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+    summary = summarize(runs)
+    print(table(summary))
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "arm", "result")},
+              "load_avg_before_after": [load_before, os.getloadavg()], "wall_s": time.perf_counter() - t0,
+              "summary": summary, "launches": runs}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
