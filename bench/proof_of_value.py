@@ -48,8 +48,10 @@ CHANCE = 25.0  # 4 directions
 # Each size: videos (train, val), pre-training steps, supervised epochs (probe, fine-tune), and
 # the comparisons it runs (a probe head or "finetune"; each gets a random-weights arm).
 SIZES = {
-    "full": {"train": 256, "val": 128, "pretrain_steps": 1200, "probe_epochs": 20, "finetune_epochs": 6,
-             "compare": ("linear", "attentive", "finetune")},
+    # bench/pov_diagnose.py: a peak lr of 1e-3 or more (this file's first setting, 4.7e-3) wipes out
+    # the motion cues random weights carry; 1e-4 to 3e-4 keeps them and adds to them.
+    "full": {"train": 512, "val": 256, "pretrain_steps": 1500, "pretrain_base_lr": 0.005, "probe_epochs": 20,
+             "finetune_epochs": 6, "compare": ("linear", "finetune")},
     "small": {"train": 128, "val": 64, "pretrain_steps": 400, "probe_epochs": 20, "finetune_epochs": 2,
            "compare": ("attentive",)},
 }
@@ -87,7 +89,9 @@ def pipeline_for(size: dict, data: Path, out: Path, experiment: str, tracking_ur
             "pretrain": {"stage": "pretrain",
                          "mask": {"encoder": "tube", "encoder_ratio": 0.75, "decoder": "running_cell", "decoder_ratio": 0.5},
                          "data": {"num_sample": 2},
-                         "optim": {"base_lr": 0.15, "min_lr": 0.001, "warmup_steps": 40, "clip_grad": 1.0},  # peak 4.7e-3
+                         # peak = base_lr x 8 / 256: 1.6e-4 at 0.005
+                         "optim": {"base_lr": size.get("pretrain_base_lr", 0.15), "min_lr": 0.0001, "warmup_steps": 40,
+                                   "clip_grad": 1.0},
                          "train": {"steps": size["pretrain_steps"], "global_batch": 8, "log_every": 1}},
             "probe_linear": probe("linear", "previous"),
             "probe_attentive": probe("attentive", "previous"),
