@@ -67,7 +67,7 @@ from scaling.losses import masked_reconstruction_loss, normalized_pixel_target  
 from scaling.masking import make_masks  # noqa: E402
 from scaling.models import vit  # noqa: E402
 from scaling.models.convert import encoder_weights_for_classifier  # noqa: E402
-from scaling.models.pretrain import build_pretrain_model, positions_of  # noqa: E402
+from scaling.models.pretrain import build_pretrain_model  # noqa: E402
 from scaling.models.probe_heads import HEAD_PREFIX, AttentiveProbeHead, build_probe  # noqa: E402
 from scaling.train.init_weights import load_gathered  # noqa: E402
 
