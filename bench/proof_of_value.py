@@ -21,13 +21,12 @@ Writes bench/results/proof_of_value[_<size>].json and .png (pre-training loss cu
 every arm against chance), and logs the pipeline as one MLflow parent run with a nested run
 per stage; the JSON and PNG are attached to the parent run.
 
-Measured (bench/results/proof_of_value.json, debug model, 1200 pre-training steps, 20 min on
-2 shared cores): the reconstruction loss falls from 1.04 to ~0.68 by step 500 and stays there,
-but no arm is far from chance (25 %): probes 24 -> 30 (linear) and 25 -> 28 (attentive) top-1
-from random to pre-trained weights, fine-tuning 32 (scratch) vs 30 (pre-trained), all within
-the noise of 128 validation clips (one clip is 0.8 points, the std of a difference ~5). The
-debug model (2 blocks of width 64) at these budgets does not learn motion features a probe can
-use; a larger model (vit_s) or a longer pre-training is the next thing to try.
+Measured: the first setting (debug model, peak pre-training lr 4.7e-3, 1200 steps, 256/128
+videos) left every arm near chance (bench/results/proof_of_value_peak_lr_4.7e-3.json);
+bench/pov_diagnose.py traced that to the lr (1e-3 or more erases the motion cues random weights
+carry). The current full size (peak 1.6e-4, 1500 steps, 512/256 videos, 12 min at load 4-5;
+bench/results/proof_of_value.json): linear probe 26.2 -> 35.5 % top-1 from random to pre-trained
+weights, fine-tuning 22.7 % from scratch vs 24.2 % from pre-training (chance 25 %).
 """
 from __future__ import annotations
 
