@@ -66,10 +66,12 @@ def test_forward_predicts_exactly_the_decoded_tokens(decoder):
     assert out.shape == (3, int(dec[0].sum()), 2 * 16 * 16 * 3)
 
 
-def _loss_and_grads(checkpointing: bool):
+def _loss_and_grads(checkpointing: bool | int, placement: str = "first"):
+    """Loss and gradients of one debug pre-training step (drop path on); shared with
+    test_selective_checkpointing."""
     torch.manual_seed(0)
     model = build_pretrain_model("debug", 16, 64, drop_path=0.2)
-    model.set_grad_checkpointing(checkpointing)
+    model.set_grad_checkpointing(checkpointing, placement)
     video = torch.randn(2, 3, 16, 64, 64, generator=torch.Generator().manual_seed(1))
     enc, dec = make_masks(2, model.grid, "tube", 0.9, "running_cell", 0.5, torch.Generator().manual_seed(2))
     torch.manual_seed(3)  # drop path draws from the global RNG; checkpointing must replay it

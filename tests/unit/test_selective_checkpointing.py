@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from test_models import _loss_and_grads
 
 from scaling.config import ConfigError, load_config, validate
-from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
 from scaling.masking import make_masks
 from scaling.memory import plan as P
 from scaling.memory.counting import saved_tensor_bytes
@@ -42,18 +42,6 @@ def test_models_give_each_stack_its_share():
     assert cls.reconstruction.decoder.grad_checkpointing == {0}
     cls.set_grad_checkpointing(False)
     assert not cls.grad_checkpointing and not cls.bridge.grad_checkpointing
-
-
-def _loss_and_grads(checkpointing, placement="first"):
-    torch.manual_seed(0)
-    model = build_pretrain_model("debug", 16, 64, drop_path=0.2)
-    model.set_grad_checkpointing(checkpointing, placement)
-    video = torch.randn(2, 3, 16, 64, 64, generator=torch.Generator().manual_seed(1))
-    enc, dec = make_masks(2, model.grid, "tube", 0.9, "running_cell", 0.5, torch.Generator().manual_seed(2))
-    torch.manual_seed(3)  # drop path draws from the global RNG; checkpointing must replay it
-    loss = masked_reconstruction_loss(model(video, enc, dec), normalized_pixel_target(video, 16, 2), enc, dec)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("checkpointing, placement", [(1, "first"), (1, "spread"), (2, "first")])
