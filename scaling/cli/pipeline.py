@@ -59,7 +59,12 @@ def beat_until_exit(every: int = QUIET_S, longest: int = 120) -> None:
     s). Only when `scaling` is the program: a test calling main() in-process lives on."""
     if os.path.basename(sys.argv[0]) not in ("scaling", "__main__.py"):
         return
-    script = (f'n=0; t=0; while kill -0 {os.getpid()} 2>/dev/null && [ $t -lt {longest} ]; do sleep 1; '
+    # Alive means "not exited": a zombie (exited, not yet reaped) passes `kill -0`, and a parent
+    # that reads this output to its end reaps only once this shell closes it, so the loop would
+    # wait out `longest` for a process that is long gone (120 s per `pipeline run` in the tests).
+    pid = os.getpid()
+    alive = f'kill -0 {pid} 2>/dev/null && ! grep -qs "^State:[[:space:]]*Z" /proc/{pid}/status'
+    script = (f'n=0; t=0; while {alive} && [ $t -lt {longest} ]; do sleep 1; '
               f'n=$((n+1)); t=$((t+1)); if [ $n -ge {every} ]; then echo "[pipeline] ... exiting ($t s)"; n=0; fi; done')
     subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL)
 
