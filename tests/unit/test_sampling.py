@@ -38,6 +38,15 @@ def test_test_views_are_shifted_inside_the_segments():
     assert segment_test_indices(10, 16, 2)[1] == [0, 0, 1, 2, 2, 3, 4, 4, 5, 5, 6, 7, 7, 8, 9, 9]
 
 
+@pytest.mark.parametrize("num_frames", [10, 16, 31, 50, 97, 300])
+def test_two_test_views_are_the_reference_procedure(num_frames):
+    """VideoMAE V2's SSv2 test loader decodes the frames int(tick * x) and int(tick / 2 + tick * x)
+    of every segment in one sorted list and gives view k the slice [k::2]."""
+    tick = num_frames / 16
+    decoded = sorted([int(tick / 2.0 + tick * x) for x in range(16)] + [int(tick * x) for x in range(16)])
+    assert segment_test_indices(num_frames, 16, 2) == [decoded[0::2], decoded[1::2]]
+
+
 @pytest.fixture(scope="module")
 def counting_video(tmp_path_factory):
     """One 50-frame mp4 whose frame i is a flat grey of 4 * i + 20: a decoded clip tells which
