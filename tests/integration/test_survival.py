@@ -1,9 +1,10 @@
 """A long run survives what goes wrong: divergence, damaged checkpoints, a full disk, two runs
-in one folder, a changed config on resume, and a kill.
+in one folder, a changed config on resume, a kill, a preemption notice, fewer ranks on resume.
 
-The rank tests launch `scaling pretrain` on 2 real DeepSpeed ranks (ZeRO-3 unless a test names its stage; noise clips, the
-debug model), break something the way it breaks in life, and check the exit code, the
-message, what is on disk and the MLflow run. Unit tests cover what needs no ranks.
+The rank tests launch `scaling pretrain` on 2 real DeepSpeed ranks (ZeRO-3 unless a test names
+its stage; noise clips, the debug model), break something the way it breaks in life, and check
+the exit code, the message, what is on disk and the MLflow run. Unit tests cover what needs no
+ranks.
 """
 import json
 import math
