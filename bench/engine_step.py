@@ -16,6 +16,16 @@ Arms:
   zero1, zero2, zero3, auto our engine (`scaling.train.engine`, as `scaling pretrain` builds it) at
                             that ZeRO stage (`auto`: train.zero_stage=auto)
   suffix _compiled          train.compile=true;  suffix _ckpt: activation checkpointing
+  suffix _bcast             ZeRO-1/2 gather the updated partitions after the step by one broadcast
+                            per owner instead of DeepSpeed's all_gather_into_tensor (an experiment:
+                            gloo's all-gather is 3.5x slower than broadcasts of the same bytes,
+                            bench/zero_comm.py); the training code does not do this
+  :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
+                            zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
+
+Compiled arms share one Inductor cache (--compile-cache) across launches, as a resumed run
+reuses the one beside its checkpoints: only the first launch of an arm compiles from zero.
+`--profile` adds torch.profiler's busiest ops (self CPU time) of rank 0's last step per launch.
 
 Each engine step is timed by phase, as the training loop runs it (scaling/train/pretrain.py):
 data (next clip batch), inputs (masks + target), forward (+ loss), backward (engine.backward:
@@ -27,6 +37,7 @@ steps of each launch (compilation, ZeRO-3's trace) are reported apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -46,7 +57,7 @@ PHASES = ("data", "inputs", "forward", "backward", "optimizer", "rest")
 def run_config(args, arm: str, out_dir: str):
     from scaling.config import load_config
 
-    stage = arm.split("_")[0]
+    stage = arm.split(":")[0].split("_")[0]
     overrides = [f"model.name={args.model}", "data.source=noise", f"train.precision={args.precision}",
                  f"train.global_batch={args.videos_per_rank * args.ranks}", f"data.num_sample={args.num_sample}",
                  f"train.steps={args.warmup + args.steps}", "optim.warmup_steps=0", "tracking.enabled=false",
@@ -78,7 +89,25 @@ def comm_seconds() -> float:
     return sum(max(max(r[1]) for r in sizes.values()) for sizes in comms_logger.comms_dict.values()) / 1000
 
 
-def engine_arm(cfg, rank: int, world: int):
+def zero_overrides(arm: str) -> dict:
+    """`zero1:overlap_comm=false:reduce_bucket_size=2e8` -> {"overlap_comm": False, "reduce_bucket_size": 2e8}."""
+    pairs = (kv.split("=", 1) for kv in arm.split(":")[1:])
+    return {k: json.loads(v) for k, v in pairs}
+
+
+def gather_by_broadcast(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
+                        allgather_bucket_size) -> None:
+    """DeepSpeed's `all_gather_dp_groups` (ZeRO-1/2, after the optimizer step) as one broadcast
+    per owner of each partition: the partitions are views into `groups_flat`."""
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+
+    for partitions, group in zip(partitioned_param_groups, dp_process_group):
+        for owner, partition in enumerate(partitions):
+            ds_dist.broadcast(partition, src=dist.get_global_rank(group, owner), group=group)
+
+
+def engine_arm(cfg, rank: int, world: int, arm: str):
     """Our engine, built as `scaling pretrain` builds it; returns step(step_index) -> PhaseTimer."""
     import torch
     import torch.distributed as dist
@@ -93,6 +122,11 @@ def engine_arm(cfg, rank: int, world: int):
     from scaling.train.run import step_seed
 
     ds_config = build_ds_config(cfg, world)
+    ds_config["zero_optimization"].update(zero_overrides(arm))
+    if "_bcast" in arm:
+        import deepspeed.runtime.zero.stage_1_and_2 as zero_1_2
+
+        zero_1_2.all_gather_dp_groups = gather_by_broadcast
     ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
@@ -193,17 +227,29 @@ def worker(args) -> None:
         if args.arm.startswith("ddp"):
             step = ddp_arm(cfg, rank, world, "_compiled" in args.arm)
         else:
-            step = engine_arm(cfg, rank, world)
+            step = engine_arm(cfg, rank, world, args.arm)
         build_s = time.perf_counter() - t0
-        records = []
+        records, busiest = [], []
         for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            T = step(i)
-            records.append({"step_s": time.perf_counter() - t0, "phases": T.seconds, "comm_s": T.comm, "loss": T.loss,
-                            "warmup": i < args.warmup})
+            last = i == args.warmup + args.steps - 1
+            with torch.profiler.profile() if args.profile and last else contextlib.nullcontext() as prof:
+                t0 = time.perf_counter()
+                T = step(i)
+                step_s = time.perf_counter() - t0
+            records.append({"step_s": step_s, "phases": T.seconds, "comm_s": T.comm, "loss": T.loss,
+                            "warmup": i < args.warmup, "profiled": bool(args.profile and last)})
+            if prof is not None:
+                busiest = busiest_ops(prof)
     if rank == 0:
         Path(args.result).write_text(json.dumps({"arm": args.arm, "build_s": build_s, "threads": torch.get_num_threads(),
-                                                 "records": records}))
+                                                 "load_avg": os.getloadavg(), "records": records,
+                                                 "busiest_ops": busiest}))
+
+
+def busiest_ops(prof, top: int = 15) -> list[dict]:
+    """The ops with the most self CPU time in a profiled step (name, calls, seconds)."""
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6} for e in rows]
 
 
 # ---------------------------------------------------------------- the driver
@@ -214,7 +260,7 @@ def launch(args, arm: str, result: Path) -> dict:
     cmd = ["torchrun", f"--nproc-per-node={args.ranks}", f"--master-port={free_port()}", __file__, "--worker",
            "--arm", arm, "--result", str(result), *worker_flags(args)]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS=str(args.threads))
+               OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_CACHE_DIR=args.compile_cache)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env=env, cwd=REPO,
                           capture_output=True, text=True)
@@ -226,13 +272,14 @@ def launch(args, arm: str, result: Path) -> dict:
 def worker_flags(args) -> list[str]:
     return ["--model", args.model, "--precision", args.precision, "--ranks", str(args.ranks),
             "--videos-per-rank", str(args.videos_per_rank), "--num-sample", str(args.num_sample),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--ds-config", args.ds_config]
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--ds-config", args.ds_config,
+            *(["--profile"] if args.profile else [])]
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for arm, launches in runs.items():
-        steps = [r for launch_ in launches for r in launch_["records"] if not r["warmup"]]
+        steps = [r for launch_ in launches for r in launch_["records"] if not r["warmup"] and not r.get("profiled")]
         median = statistics.median(r["step_s"] for r in steps)
         phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in steps) for p in PHASES}
         comm = {p: statistics.median(r["comm_s"].get(p, 0.0) for r in steps) for p in PHASES}
@@ -251,10 +298,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'arm':<22}{'step s':>8}{'min s':>8}" + "".join(f"{p:>10}" for p in PHASES)
+    lines = [f"{'arm':<44}{'step s':>8}{'min s':>8}" + "".join(f"{p:>10}" for p in PHASES)
              + f"{'comm s':>8}{'outside':>9}{'/ddp':>7}"]
     for arm, s in summary.items():
-        lines.append(f"{arm:<22}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}"
+        lines.append(f"{arm:<44}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}"
                      + "".join(f"{s['phases_median_s'][p]:10.2f}" for p in PHASES)
                      + f"{sum(s['comm_median_s'].values()):8.2f}{s['outside_fwd_bwd_share']:9.0%}"
                      + (f"{s['over_ddp']:7.2f}" if "over_ddp" in s else f"{'-':>7}"))
@@ -277,6 +324,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per launch")
     p.add_argument("--rounds", type=int, default=2, help="launches per arm, interleaved")
     p.add_argument("--ds-config", default="ds_configs/zero3_bf16.json")
+    p.add_argument("--compile-cache", default=str(Path(tempfile.gettempdir()) / "engine_step_inductor_cache"),
+                   help="Inductor's cache, shared by all launches")
+    p.add_argument("--profile", action="store_true", help="torch.profiler on rank 0's last step of each launch")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.worker:
@@ -290,6 +340,7 @@ def main() -> None:
             for arm in arms:
                 runs[arm].append(launch(args, arm, Path(tmp) / f"{arm}_{r}.json"))
                 print(f"round {r} {arm}: {[round(x['step_s'], 2) for x in runs[arm][-1]['records']]} "
+                      f"{runs[arm][-1]['busiest_ops'][:6]} "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
     summary = summarize(runs)
     print(table(summary))

@@ -47,9 +47,16 @@ NOISE = ["data.source=noise", "data.num_sample=1", "train.global_batch=4", "trai
          "optim.warmup_steps=1"]
 
 
-def test_two_rank_zero3_matches_one_rank_and_checkpointing_changes_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """4 uninterrupted ZeRO-3 steps on 2 ranks: the reference of the next two tests."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    return run(tmp / "two", *NOISE, "train.ranks=2", tmp=tmp)
+
+
+def test_two_rank_zero3_matches_one_rank_and_checkpointing_changes_nothing(tmp_path, two_ranks):
     one = run(tmp_path / "one", *NOISE, "train.ranks=1", tmp=tmp_path)
-    two = run(tmp_path / "two", *NOISE, "train.ranks=2", tmp=tmp_path)
+    two = two_ranks
     two_no_ac = run(tmp_path / "two_no_ac", *NOISE, "train.ranks=2", "model.activation_checkpointing=false", tmp=tmp_path)
     assert len(one) == len(two) == 4
     # Same global batch, same clips, same masks: equal up to bf16 rounding of a different reduction order.
@@ -59,14 +66,13 @@ def test_two_rank_zero3_matches_one_rank_and_checkpointing_changes_nothing(tmp_p
     assert [r["grad_norm"] for r in two_no_ac] == [r["grad_norm"] for r in two]
 
 
-@pytest.mark.parametrize("stage", ["3", "auto"])  # auto: ZeRO-1 here, as on 80 GB GPUs for every recipe
-def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path, stage):
-    """A job requeued onto fewer ranks resumes through DeepSpeed's universal checkpoint."""
-    noise = [*NOISE, f"train.zero_stage={stage}"]
-    reference = run(tmp_path / "reference", *noise, "train.ranks=2", tmp=tmp_path)
+def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path, two_ranks):
+    """A job requeued onto fewer ranks resumes through DeepSpeed's universal checkpoint. (ZeRO-3;
+    the stages below it, compiled too, in test_survival.py's preemption/kill/resharding chain.)"""
+    reference = two_ranks
     out = tmp_path / "resharded"
-    run(out, *noise, "train.ranks=2", "train.max_steps_this_run=2", tmp=tmp_path)
-    resumed = subprocess.run(pretrain_cmd(out, *noise, "train.ranks=1"), env=env_for(tmp_path), cwd=tmp_path,
+    run(out, *NOISE, "train.ranks=2", "train.max_steps_this_run=2", tmp=tmp_path)
+    resumed = subprocess.run(pretrain_cmd(out, *NOISE, "train.ranks=1"), env=env_for(tmp_path), cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "written by 2 ranks, this run has 1" in resumed.stdout
@@ -80,7 +86,7 @@ def test_checkpoint_written_by_two_ranks_resumes_on_one_rank(tmp_path, stage):
     torch.testing.assert_close(rows[3]["loss"], reference[3]["loss"], rtol=4e-5, atol=0)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["pretrain_smoke"], output_format="list")
-    assert len(runs) == 2, "the resumed run continued its own MLflow run"
+    assert len(runs) == 1, "the resumed run continued its own MLflow run"
 
 
 def test_wall_time_guard_saves_and_stops_before_the_limit(tmp_path):

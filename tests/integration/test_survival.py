@@ -1,9 +1,10 @@
 """A long run survives what goes wrong: divergence, damaged checkpoints, a full disk, two runs
-in one folder, a changed config on resume, and a kill.
+in one folder, a changed config on resume, a kill, a preemption notice, fewer ranks on resume.
 
-The rank tests launch `scaling pretrain` on 2 real DeepSpeed ZeRO-3 ranks (noise clips, the
-debug model), break something the way it breaks in life, and check the exit code, the
-message, what is on disk and the MLflow run. Unit tests cover what needs no ranks.
+The rank tests launch `scaling pretrain` on 2 real DeepSpeed ranks (ZeRO-3 unless a test names
+its stage; noise clips, the debug model), break something the way it breaks in life, and check
+the exit code, the message, what is on disk and the MLflow run. Unit tests cover what needs no
+ranks.
 """
 import json
 import math
@@ -358,6 +359,76 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
     assert "stopped without saving" in err
     assert not alive(tree)
     assert mlflow_runs(tmp_path)[0].info.status == "KILLED"
+
+
+# --- every stage `train.zero_stage=auto` can pick, compiled where compile applies -------------
+
+# ZeRO-3 (eager: torch.compile cannot trace its partitioned weights) is the stage of the kill,
+# preemption and universal-checkpoint tests in test_distributed.py; this chain covers 1 and 2.
+BELOW_ZERO3 = {
+    "zero1_compiled": ("train.zero_stage=auto", "train.compile=true", "train.precision=fp32"),  # auto: ZeRO-1 here
+    "zero2": ("train.zero_stage=2",),
+}
+CHAIN = ("train.steps=10", "train.save_every=1", "train.keep_checkpoints=2")
+
+
+def start_killed_at(out: Path, tmp: Path, tag: str, overrides) -> None:
+    """Start a run and SIGKILL it (launcher and ranks, no clean-up) once `latest` names `tag` or later."""
+    proc = subprocess.Popen([*SCALING, "pretrain", "--config", str(SMOKE), f"train.output_dir={out}", *NOISE, *overrides],
+                            env=env_for(tmp), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= tag:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("arm", BELOW_ZERO3)
+def test_each_stage_auto_picks_survives_preemption_kill_and_resharding(tmp_path, arm):
+    """One run, three starts: a preemption notice sent to ONE rank stops both at one step (exit
+    75); resumed, it logs the uninterrupted run's losses exactly until it is SIGKILLed after a
+    later save; resumed on 1 rank (DeepSpeed's universal checkpoint) it starts from the same
+    weights and Adam moments. The compiled arm keeps Inductor's cache beside the run."""
+    from test_distributed import rank_process, start_and_stop_at
+
+    args = (*NOISE, *BELOW_ZERO3[arm], *CHAIN)
+    out = tmp_path / "run"
+    first = start_and_stop_at(out, tmp_path, 2, lambda pid: rank_process(pid, 1).send_signal(signal.SIGUSR1), args)
+    assert first["reason"] == "another rank's request" and 2 <= first["step"] <= 6, first
+    # The reference after the first start, so that the compiled arm finds the kernels in the cache.
+    cache = out / "compile_cache"
+    reference = pretrain(tmp_path / "reference", *BELOW_ZERO3[arm], *CHAIN, tmp=tmp_path,
+                         env=env_for(tmp_path, TORCHINDUCTOR_CACHE_DIR=str(cache)))
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    expected = [r["loss"] for _, r in sorted(metrics(tmp_path / "reference").items())]
+
+    start_killed_at(out, tmp_path, f"step{first['step'] + 2:08d}", BELOW_ZERO3[arm] + CHAIN)
+    logged = metrics(out)  # steps 1..first from the first start, the rest from the killed one
+    assert sorted(logged) == list(range(1, len(logged) + 1)) and len(logged) >= first["step"] + 2
+    assert [logged[s]["loss"] for s in sorted(logged)] == expected[:len(logged)], "resumed exactly after the preemption"
+
+    killed_at = int((out / "checkpoints" / "latest").read_text().strip()[4:])
+    assert killed_at <= 8, "two steps left to compare after the last resume"
+    resharded = pretrain(out, *BELOW_ZERO3[arm], *CHAIN, "train.ranks=1", tmp=tmp_path)
+    assert resharded.returncode == 0, resharded.stdout[-3000:] + resharded.stderr[-3000:]
+    assert "written by 2 ranks, this run has 1" in resharded.stdout
+    rows = metrics(out)
+    assert sorted(rows) == list(range(1, 11))
+    assert [rows[s]["lr"] for s in range(1, 11)] == [r["lr"] for _, r in sorted(metrics(tmp_path / "reference").items())]
+    # Same weights: the first step agrees to 1- vs 2-rank rounding; the next only if the Adam
+    # moments came back too (see test_checkpoint_written_by_two_ranks_resumes_on_one_rank).
+    torch.testing.assert_close(rows[killed_at + 1]["loss"], expected[killed_at], rtol=1e-6, atol=0)
+    torch.testing.assert_close(rows[killed_at + 2]["loss"], expected[killed_at + 1], rtol=4e-5, atol=0)
+    assert len(mlflow_runs(tmp_path)) == 2, "the reference, and one run across the three starts"
+    if "compile" in arm:
+        assert "[scaling] train.zero_stage=auto chose ZeRO-1: debug at 2 clips per rank" in reference.stdout
+        assert "[scaling] first forward with compilation: " in resharded.stdout
+        assert any(cache.rglob("*.py")), "Inductor wrote its generated kernels beside the run"
 
 
 def test_config_change_check_lets_lengths_and_ranks_change_and_fresh_moves_the_folder(tmp_path, capsys):
