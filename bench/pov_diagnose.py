@@ -185,6 +185,8 @@ def main() -> None:
     p.add_argument("--size", default="debug")
     p.add_argument("--width", type=int, default=0, help="custom width (with --depth): registers 'pov_custom'")
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--decoder-width", type=int, default=0, help="custom decoder width (0: width // 2)")
+    p.add_argument("--decoder-depth", type=int, default=2)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--px", type=int, default=64)
     p.add_argument("--stride", type=int, default=2)
@@ -208,9 +210,13 @@ def main() -> None:
     name = args.size
     if args.width:
         name = "pov_custom"
-        vit.VIT_SIZES[name] = vit.ViTSize(width=args.width, depth=args.depth, heads=args.width // 64,
-                                          mlp_hidden=4 * args.width, patch=16, decoder_width=args.width // 2,
-                                          decoder_heads=max(1, args.width // 128), decoder_depth=2)
+        dec_width = args.decoder_width or args.width // 2
+        narrow = args.width < 128  # debug-like: 32 wide heads, MLP ratio 2 (width 64 = the debug encoder)
+        vit.VIT_SIZES[name] = vit.ViTSize(width=args.width, depth=args.depth,
+                                          heads=args.width // 32 if narrow else args.width // 64,
+                                          mlp_hidden=(2 if narrow else 4) * args.width, patch=16,
+                                          decoder_width=dec_width, decoder_heads=max(1, dec_width // 32),
+                                          decoder_depth=args.decoder_depth)
     t0 = time.time()
     xtr, ytr = make_clips(args.train, args.frames, args.px, args.stride, seed=1)
     xva, yva = make_clips(args.val, args.frames, args.px, args.stride, seed=2)
