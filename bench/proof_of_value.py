@@ -14,19 +14,27 @@ as it was given (its export holds it unchanged, its head is dropped by the next 
 attentive probe and the fine-tune start from exactly the weights the linear probe saw.
 Fine-tuning from scratch and from pre-training get the same step budget and recipe.
 
-    python bench/proof_of_value.py                 # the full comparison (~25 min on 2 busy cores)
+    python bench/proof_of_value.py                 # the full comparison (31 min at load 8-17)
     python bench/proof_of_value.py --size small    # a quicker check of the attentive probe only
+    python bench/proof_of_value.py --size ci --in-process   # one rank, one process (no torchrun per stage)
 
 Writes bench/results/proof_of_value[_<size>].json and .png (pre-training loss curve; top-1 of
 every arm against chance), and logs the pipeline as one MLflow parent run with a nested run
-per stage; the JSON and PNG are attached to the parent run.
+per stage; the JSON and PNG are attached to the parent run (not with --in-process).
 
-Measured: the first setting (debug model, peak pre-training lr 4.7e-3, 1200 steps, 256/128
-videos) left every arm near chance (bench/results/proof_of_value_peak_lr_4.7e-3.json);
-bench/pov_diagnose.py traced that to the lr (1e-3 or more erases the motion cues random weights
-carry). The current full size (peak 1.6e-4, 1500 steps, 512/256 videos, 12 min at load 4-5;
-bench/results/proof_of_value.json): linear probe 26.2 -> 35.5 % top-1 from random to pre-trained
-weights, fine-tuning 22.7 % from scratch vs 24.2 % from pre-training (chance 25 %).
+Measured (top-1 on 256 held-out clips, 2 clips x 1 crop; chance 25 %; one clip is 0.4 points
+and a difference between two arms has a std of ~4 points):
+
+- first setting (peak pre-training lr 4.7e-3, 1200 steps, 256/128 videos): every arm near
+  chance (bench/results/proof_of_value_peak_lr_4.7e-3.json); bench/pov_diagnose.py traced it
+  to the lr (1e-3 or more erases the motion cues random weights carry).
+- peak 1.6e-4, tube 0.75, 1500 steps, fine-tune peak 3.1e-3 (proof_of_value_ft_lr3e-3.json):
+  linear 26.2 -> 35.5 (+9.4), fine-tune 22.7 -> 24.2 (both at chance).
+- the current full size (tube 0.9, fine-tune peak 6.3e-4, 8 epochs; proof_of_value.json,
+  1844 s at load 8-17): linear 26.2 -> 36.7 (+10.5), attentive 69.5 -> 85.2 (+15.6),
+  fine-tune 25.4 from scratch -> 28.5 from pre-training (+3.1; neither learns much in 256 steps).
+- ci size in one process (400 steps, tube 0.75; proof_of_value_ci_tube75.json): linear
+  24.2 -> 28.1, attentive 32.0 -> 25.0: 10 probe epochs on 256 clips are too few for a margin.
 """
 from __future__ import annotations
 
