@@ -16,8 +16,8 @@ def heartbeat(every: float = QUIET_S):
     """While the block runs, print "[pipeline] ... working (N s)" whenever this process has
     written nothing for `every` seconds (QUIET_S): start-up (imports, the MLflow store), the export and
     bookkeeping between stages say nothing for tens of seconds on a busy machine. The ranks
-    write to the terminal directly, so a running stage stays quiet only by the runner's own
-    progress lines."""
+    write to the terminal directly, unseen here: while a stage runs, its progress line (every 8 s,
+    scaling/pipeline/progress.py) speaks instead, and this one stays quiet."""
     start = last = time.monotonic()
     done = threading.Event()
 
@@ -34,9 +34,11 @@ def heartbeat(every: float = QUIET_S):
             return getattr(self.stream, name)
 
     def beat():
+        from scaling.pipeline.progress import StageProgress
+
         while not done.wait(0.5):
             now = time.monotonic()
-            if now - last >= every:
+            if now - last >= every and not StageProgress.running:  # a running stage has its own line
                 print(f"[pipeline] ... working ({now - start:.0f} s)", flush=True)  # through Stamped: resets `last`
 
     saved = sys.stdout, sys.stderr
