@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--analyze", default=None, metavar="LOG", help="only report on an existing timestamped log")
     ap.add_argument("--venv", default=None, help="an installed venv to link as the clone's .venv (its pip install "
                     "is set-up, which the demo's figures leave out anyway)")
+    ap.add_argument("--commit", default=None, help="check out this commit in the clone (e.g. the one before a change)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "demo_time.json"))
     args = ap.parse_args()
     if args.analyze:
@@ -137,6 +138,8 @@ def main() -> int:
     if clone.exists():
         shutil.rmtree(clone)
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    if args.commit:
+        subprocess.run(["git", "checkout", "-q", args.commit], cwd=clone, check=True)
     result = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip(),
               "cores": os.cpu_count(), "venv": args.venv and os.path.realpath(args.venv), "runs": {}}
     make, env = ["make", "demo"], None
