@@ -12,7 +12,7 @@ two runs. MLflow: one parent run per
 pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
 did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
 ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
-While a stage runs, a progress line every 10 s; at the end, a summary table (scaling/pipeline/progress.py).
+While a stage runs, a progress line every 8 s; at the end, a summary table (scaling/pipeline/progress.py).
 """
 from __future__ import annotations
 
