@@ -9,6 +9,7 @@ logs), so "demo minus its steps" is the overhead. Writes bench/results/demo_time
     python3 bench/demo_time.py [--work /tmp/demo_time] [--runs fresh,again,after_clean]
     python3 bench/demo_time.py --venv .venv --runs fresh   # reuse an installed venv (a symlink):
         # make's pip install is skipped; the op is built before timing
+    python3 bench/demo_time.py --venv .venv --runs fresh --commits 742f2f8,HEAD --repeat 2  # A/B
     python3 bench/demo_time.py --analyze run.log   # a log of "<seconds> <line>" lines
 """
 from __future__ import annotations
@@ -120,6 +121,19 @@ def link_venv(clone: Path, venv: Path) -> tuple[list[str], dict]:
     return ["make", "demo"], env
 
 
+def fresh_clone(work: Path, commit: str | None, venv: str | None) -> tuple[Path, list[str], dict | None]:
+    """A new clone at `work`/clone (the same path every time: the op built for it is reused)."""
+    clone = work / "clone"
+    if clone.exists():
+        shutil.rmtree(clone)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    if commit:
+        subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    if venv:
+        return clone, *link_venv(clone, Path(venv))
+    return clone, ["make", "demo"], None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=None, help="folder for the clone and the logs (default: a new temporary one)")
@@ -127,31 +141,30 @@ def main() -> int:
     ap.add_argument("--analyze", default=None, metavar="LOG", help="only report on an existing timestamped log")
     ap.add_argument("--venv", default=None, help="an installed venv to link as the clone's .venv (its pip install "
                     "is set-up, which the demo's figures leave out anyway)")
-    ap.add_argument("--commit", default=None, help="check out this commit in the clone (e.g. the one before a change)")
+    ap.add_argument("--commits", default="HEAD", help="commits to compare, e.g. 742f2f8,HEAD: each gets a fresh "
+                    "clone per repeat, the arms interleaved (A, B, A, B) so that the machine's load hits both")
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "demo_time.json"))
     args = ap.parse_args()
     if args.analyze:
         print(json.dumps(report(read_log(Path(args.analyze))), indent=1))
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="demo_time_"))
-    clone = work / "clone"
-    if clone.exists():
-        shutil.rmtree(clone)
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    if args.commit:
-        subprocess.run(["git", "checkout", "-q", args.commit], cwd=clone, check=True)
-    result = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip(),
-              "cores": os.cpu_count(), "venv": args.venv and os.path.realpath(args.venv), "runs": {}}
-    make, env = ["make", "demo"], None
-    if args.venv:
-        make, env = link_venv(clone, Path(args.venv))
-    for run in args.runs.split(","):
-        if run == "after_clean":
-            subprocess.run(["make", "clean"], cwd=clone, check=True, capture_output=True)
-        load_before = os.getloadavg()
-        lines = timestamped(make, clone, work / f"{run}.log", env)
-        result["runs"][run] = {**report(lines), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-        print(json.dumps({run: result["runs"][run]}, indent=1), flush=True)
+    result = {"cores": os.cpu_count(), "venv": args.venv and os.path.realpath(args.venv), "arms": {}}
+    for i in range(args.repeat):
+        for commit in args.commits.split(","):
+            clone, make, env = fresh_clone(work, commit, args.venv)
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+            arm = result["arms"].setdefault(commit, {"commit": sha, "repeats": []})
+            runs = {}
+            for run in args.runs.split(","):
+                if run == "after_clean":
+                    subprocess.run(["make", "clean"], cwd=clone, check=True, capture_output=True)
+                load_before = os.getloadavg()
+                lines = timestamped(make, clone, work / f"{commit}-{i}-{run}.log", env)
+                runs[run] = {**report(lines), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+                print(json.dumps({f"{commit} #{i + 1} {run}": runs[run]}, indent=1), flush=True)
+            arm["repeats"].append(runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out} (logs in {work})")
