@@ -64,7 +64,7 @@ def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
     for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
         (out / name).unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
+        sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         "-m", "scaling.cli", command, "--config", str(resolved_config),
     ]
