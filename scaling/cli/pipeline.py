@@ -33,12 +33,15 @@ def heartbeat(every: float = QUIET_S):
         def __getattr__(self, name):
             return getattr(self.stream, name)
 
-    def beat():
-        from scaling.pipeline.progress import StageProgress
+    def stage_speaks() -> bool:
+        # Not imported: no stage runs yet (importing it here would cost the seconds of torch's import).
+        progress = sys.modules.get("scaling.pipeline.progress")
+        return bool(progress and progress.StageProgress.running)
 
+    def beat():
         while not done.wait(0.5):
             now = time.monotonic()
-            if now - last >= every and not StageProgress.running:  # a running stage has its own line
+            if now - last >= every and not stage_speaks():  # a running stage has its own line
                 print(f"[pipeline] ... working ({now - start:.0f} s)", flush=True)  # through Stamped: resets `last`
 
     saved = sys.stdout, sys.stderr
