@@ -11,7 +11,8 @@ rank sees it after its current step, all save that same step and exit (scaling/t
 and `scaling` exits with EXIT_STOPPED. (Signalling torchrun instead would make it terminate
 the ranks mid-step, without a save.) A second signal kills the whole process tree at once,
 without saving. Should this process die without a chance to answer (SIGKILL), the kernel sends
-torchrun SIGTERM (PR_SET_PDEATHSIG) and torchrun ends the ranks: nothing keeps running.
+torchrun SIGTERM (PR_SET_PDEATHSIG) and torchrun ends the ranks (they save first): nothing keeps
+running, and the output folder's lock, which torchrun shares, lasts until they are gone.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.train.run_lock import env_for_ranks, lock_run_folder, unlock_run_folder
+from scaling.train.run_lock import (
+    descriptor_for_launch,
+    env_for_ranks,
+    lock_run_folder,
+    note_launched,
+    unlock_run_folder,
+)
 
 
 def free_port() -> int:
@@ -42,11 +49,12 @@ def launch_local(command: str, resolved_config: Path, ranks: int, out_dir: Path 
     code. `out_dir` (default: the resolved config's folder) is locked for this run."""
 
     out = Path(out_dir or Path(resolved_config).parent)
-    lock_run_folder(out)
+    took = lock_run_folder(out)
     try:
         return _launch(command, resolved_config, ranks, out)
     finally:
-        unlock_run_folder(out)
+        if took:  # a caller that locked it before (`scaling pipeline run`) keeps it
+            unlock_run_folder(out)
 
 
 def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
@@ -56,13 +64,17 @@ def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
     for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
         (out / name).unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
+        sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         "-m", "scaling.cli", command, "--config", str(resolved_config),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
                **env_for_ranks(out), **{CLEARED_ENV: "1"})
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+    # torchrun shares the folder's lock (pass_fds): should this process be killed, the lock lasts
+    # until torchrun and its ranks have saved and exited, and no re-run starts beside them.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent,
+                            pass_fds=descriptor_for_launch(out))
+    note_launched(out, proc.pid)
     signals = []
 
     def on_signal(signum, frame):

@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-from scaling.config import ConfigError
-
 WEIGHTS_HELP = ("an export (.pt or .safetensors from `scaling export` or a pipeline stage), a run folder (its latest "
                 "DeepSpeed checkpoint), a checkpoints/ or step folder, or a public VideoMAE V2 checkpoint (.pth)")
 CLASSES_HELP = ("class names: k400, k600, k700, k710 (a 710-way head is narrowed to that dataset's rows) or a file of "
@@ -19,6 +17,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 def cmd_eval(args) -> int:
     from scaling import launch
+    from scaling.config import ConfigError  # here: building the parser must not import torch (seconds)
     from scaling.use.eval_run import EvalOptions, run_eval
 
     if args.ranks < 1:

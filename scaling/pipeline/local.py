@@ -12,7 +12,7 @@ two runs. MLflow: one parent run per
 pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
 did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
 ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
-While a stage runs, a progress line every 10 s; at the end, a summary table (scaling/pipeline/progress.py).
+While a stage runs, a progress line every 8 s; at the end, a summary table (scaling/pipeline/progress.py).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None,
 
 
 def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
-    from scaling.train.signals import stopped_early
+    from scaling.train.run_lock import lock_run_folder, unlock_run_folder
 
     summary, table = {}, {}
     for stage in todo:
@@ -69,24 +69,38 @@ def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
         if finished(stage, fp):
             print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
         else:
-            config = start_stage(stage, cfg, fp)
-            print(f"[pipeline] stage {label}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
-            began = time.monotonic()
-            with StageProgress(label, stage.dir / "metrics.jsonl"):
-                code = launch_stage(stage, config, pipe.ranks, label)
-            seconds = time.monotonic() - began
-            if code != 0:
-                lineage.fail_stage_run(stage)
-                raise stage_failed(stage, code)
-            early = stopped_early(stage.dir)
-            if early:
-                raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
-                                        "with its checkpoint saved; re-run the same command to resume it")
-            complete_stage(stage, cfg, fp)
+            # Locked before anything is written into the folder (a killed earlier run's ranks may
+            # still be saving there), until its export and DONE.json are written.
+            lock_run_folder(stage.dir)
+            try:
+                seconds = run_stage(pipe, stage, cfg, fp, label, lineage)
+            finally:
+                unlock_run_folder(stage.dir)
         summary[stage.name] = lineage.record(stage, pipe.previous(stage))
         table[stage.name] = {**stage_result(stage.dir, seconds), "weights": stage.export}
     print("[pipeline] summary:\n" + summary_table(table), flush=True)
     return summary
+
+
+def run_stage(pipe: Pipeline, stage: Stage, cfg, fp: dict, label: str, lineage: Lineage) -> float:
+    """Start (or resume) the stage's ranks, then export and record it; returns its seconds."""
+    from scaling.train.signals import stopped_early
+
+    config = start_stage(stage, cfg, fp)
+    print(f"[pipeline] stage {label}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
+    began = time.monotonic()
+    with StageProgress(label, stage.dir / "metrics.jsonl"):
+        code = launch_stage(stage, config, pipe.ranks, label)
+    seconds = time.monotonic() - began
+    if code != 0:
+        lineage.fail_stage_run(stage)
+        raise stage_failed(stage, code)
+    early = stopped_early(stage.dir)
+    if early:
+        raise StageStoppedEarly(f"stage '{stage.name}' stopped early at step {early['step']} ({early['reason']}) "
+                                "with its checkpoint saved; re-run the same command to resume it")
+    complete_stage(stage, cfg, fp)
+    return seconds
 
 
 LOGS = "logs"

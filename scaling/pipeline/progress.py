@@ -1,10 +1,11 @@
 """What `scaling pipeline run` tells the user while stages run and when they are done.
 
 While a stage's ranks run (a subprocess), a thread of the pipeline process prints one line every
-`every_s` seconds from the rows the stage appends to its metrics.jsonl: "stage 1/3 pretrain:
-step 12/40, loss 0.8123, ETA 0:00:15", or "stage 1/3 pretrain: starting (12 s)" before its first
-step, so that no minute passes in silence. At the end, a table: stage, steps, time, final loss or
-top-1, weights.
+`every_s` seconds (8) from the rows the stage appends to its metrics.jsonl: "stage 1/3 pretrain:
+step 12/40, loss 0.8123, ETA 0:00:15", or "stage 1/3 pretrain: starting (8 s)" before its first
+step, so that the terminal is never silent for 10 s; the pipeline's "... working" heartbeat
+stays quiet meanwhile (`StageProgress.running`). At the end, a table: stage, steps (the last
+saved step, from the checkpoints), time, final loss or top-1, weights.
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ def progress_line(label: str, row: dict | None, elapsed_s: float) -> str:
 class StageProgress:
     """Context manager around a stage's launch: prints `progress_line` every `every_s` seconds,
     from the metrics.jsonl rows written after it was entered (a resumed stage's file already
-    holds the rows of its earlier run)."""
+    holds the rows of its earlier run). `running` counts the reporters now active."""
 
-    def __init__(self, label: str, metrics: Path, every_s: float = 10.0, out=lambda text: print(text, flush=True)):
+    running = 0
+
+    def __init__(self, label: str, metrics: Path, every_s: float = 8.0, out=lambda text: print(text, flush=True)):
         self.label, self.metrics, self.every_s, self.out = label, metrics, every_s, out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report, name="pipeline-progress", daemon=True)
@@ -53,22 +56,34 @@ class StageProgress:
     def __enter__(self) -> StageProgress:
         self.offset = self.metrics.stat().st_size if self.metrics.is_file() else 0
         self.started = time.monotonic()
+        StageProgress.running += 1
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        StageProgress.running -= 1
 
     def _report(self) -> None:
         while not self._stop.wait(self.every_s):
             self.out(progress_line(self.label, last_row(self.metrics, self.offset), time.monotonic() - self.started))
 
 
+def last_saved_step(stage_dir: Path) -> int | None:
+    """The step of the stage's newest checkpoint: its last step, where metrics.jsonl holds only
+    every log_every-th (190 of 192 with log_every 5)."""
+    from scaling.train.checkpoint import latest_tag, step_of
+
+    tag = latest_tag(stage_dir / "checkpoints")
+    return step_of(tag) if tag else None
+
+
 def stage_result(stage_dir: Path, seconds: float | None) -> dict:
     """One row of the summary: steps, time (None: finished in an earlier run), final loss, top-1."""
     row = last_row(stage_dir / "metrics.jsonl") or {}
-    result = {"steps": f"{row.get('step', '?')}/{row.get('steps_total', '?')}" if row else "-",
+    step = last_saved_step(stage_dir) or row.get("step", "?")
+    result = {"steps": f"{step}/{row.get('steps_total', '?')}" if row else "-",
               "time": hms(seconds) if seconds is not None else "earlier", "loss": row.get("loss")}
     eval_file = stage_dir / "eval.json"
     if eval_file.is_file():

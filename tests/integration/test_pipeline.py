@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO, SCALING, env_for
 
 from scaling.cli import main
+from scaling.train.run_lock import FolderInUse, lock_run_folder
 
 SMOKE = REPO / "pipelines" / "smoke.yaml"
 
@@ -48,6 +49,10 @@ def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data,
     assert proc.poll() is None and latest.is_file(), "the pipeline should be inside stage 2"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # torchrun (a session of its own, told by the kernel) shares the stage's lock: while its
+    # ranks save, the folder is theirs, and the re-run below waits for them.
+    with pytest.raises(FolderInUse, match=r"its ranks under pid \d+"):
+        lock_run_folder(out / "postpretrain", wait_s=0)
     assert (out / "pretrain" / "DONE.json").is_file() and not (out / "postpretrain" / "DONE.json").exists()
     pretrain_done = (out / "pretrain" / "DONE.json").stat().st_mtime_ns
 

@@ -136,9 +136,25 @@ def test_stage_progress_prints_while_the_stage_runs(tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "pipeline-progress"], "the thread ended with the stage"
 
 
+def test_heartbeat_yields_to_a_running_stages_progress_line(tmp_path, capsys):
+    """One line per quiet stretch: the stage's progress line while it runs, the heartbeat outside."""
+    from scaling.cli.pipeline import heartbeat
+
+    with heartbeat(every=0.5):
+        # Its line every 0.9 s: without yielding, the heartbeat would speak at 0.5 s.
+        with StageProgress("1/3 pretrain", tmp_path / "metrics.jsonl", every_s=0.9):
+            time.sleep(2.0)
+        during = capsys.readouterr().out
+        time.sleep(1.2)
+    after = capsys.readouterr().out
+    assert during.count("stage 1/3 pretrain: starting") >= 2 and "... working" not in during, during
+    assert "... working" in after and "stage 1/3" not in after, after
+
+
 def test_summary_table(tmp_path):
-    (tmp_path / "pre").mkdir()
-    (tmp_path / "pre" / "metrics.jsonl").write_text(json.dumps({"step": 4, "steps_total": 4, "loss": 0.81234}) + "\n")
+    (tmp_path / "pre" / "checkpoints" / "step00000005").mkdir(parents=True)  # saved after its last logged step
+    (tmp_path / "pre" / "checkpoints" / "latest").write_text("step00000005")
+    (tmp_path / "pre" / "metrics.jsonl").write_text(json.dumps({"step": 4, "steps_total": 5, "loss": 0.81234}) + "\n")
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "metrics.jsonl").write_text(json.dumps({"step": 6, "steps_total": 6, "loss": 2.5}) + "\n")
     (tmp_path / "ft" / "eval.json").write_text(json.dumps({"top1": 37.5, "videos": 8}))
@@ -146,7 +162,7 @@ def test_summary_table(tmp_path):
                            "finetune": {**stage_result(tmp_path / "ft", 83.2), "weights": "ft/export/model_fp32.pt"}})
     lines = table.splitlines()
     assert lines[0].split() == ["stage", "steps", "time", "final", "loss", "top-1", "weights"]
-    assert lines[1].split() == ["pretrain", "4/4", "earlier", "0.8123", "-", "pre/export/model_fp32.pt"]
+    assert lines[1].split() == ["pretrain", "5/5", "earlier", "0.8123", "-", "pre/export/model_fp32.pt"]
     assert lines[2].split() == ["finetune", "6/6", "0:01:23", "2.5000", "37.50", "ft/export/model_fp32.pt"]
     assert len({line.rindex(line.split()[-1]) for line in lines}) == 1, "the weights column is aligned"
 
