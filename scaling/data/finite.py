@@ -45,8 +45,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
-from scaling.data.stream import STAT_NAMES, Counters, _rng, _seed_int, bad_reason, check_positive_ints, shared_empty, source_stat_names
 from scaling.data.sources import Source, as_sources, expand_shards
+from scaling.data.stream import (
+    STAT_NAMES,
+    Counters,
+    _rng,
+    _seed_int,
+    bad_reason,
+    check_positive_ints,
+    outlive_stop_signals,
+    shared_empty,
+    source_stat_names,
+)
 from scaling.data.transforms import (
     ClipRandAugment,
     ClipRandomErasing,
@@ -124,7 +134,8 @@ class ShardIndex:
                         self._rows[col], self._rows[col + 1] = info.offset_data, info.size
         except (tarfile.TarError, OSError) as exn:  # truncated header, empty or non-tar file
             broken = True
-            log.warning("shard %s is truncated or unreadable (%r); using the %d samples before the damage", url, exn, len(self.keys) - before)
+            log.warning("shard %s is truncated or unreadable (%r); using the %d samples before the damage",
+                        url, exn, len(self.keys) - before)
         if broken and counters is not None:
             counters.add("tar_errors")
         return len(self.keys) - before
@@ -319,6 +330,7 @@ class FinetuneLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(_seed_int("finetune-workers", d.seed, d.rank, d.epoch)),
+            worker_init_fn=outlive_stop_signals,
         )
         return iter(loader)
 

@@ -22,8 +22,6 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib.resources import files
 from pathlib import Path
 
 from scaling.errors import UserError

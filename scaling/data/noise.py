@@ -6,7 +6,7 @@ see the very same clips, which a per-rank streaming loader cannot promise.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

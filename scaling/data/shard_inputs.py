@@ -15,13 +15,13 @@ Relative paths are relative to the list's folder, or to `video_root` when given.
 """
 from __future__ import annotations
 
-from scaling.errors import UserError
-
 import csv
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from scaling.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end", "label_index")

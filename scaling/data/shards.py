@@ -298,7 +298,7 @@ def write_shard(task: dict) -> dict:
                 record["failures"].append(dict(index=item.index, path=item.path, reason=str(exn)))
             else:
                 meta = dict(label=item.label, label_name=item.label_name, source=opts.source, original_path=item.path, **meta)
-                key = "%08d" % item.index
+                key = f"{item.index:08d}"
                 _add(tf, f"{key}.mp4", data)
                 _add(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 record["samples"] += 1

@@ -84,7 +84,8 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
         raise ValueError(f"no shards in {shards!r}; pass a brace pattern like 'data/k400-{{000000..000099}}.tar' or a list of paths")
     missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shards do not exist, e.g. {missing[0]!r}; check the shard path or pattern")
+        raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shards do not exist, e.g. {missing[0]!r}; "
+                                "check the shard path or pattern")
     return expanded
 
 

@@ -54,6 +54,7 @@ import logging
 import math
 import multiprocessing
 import random
+import signal
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -337,6 +338,17 @@ def check_positive_ints(**values_and_minimums) -> None:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def outlive_stop_signals(worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: ignore SIGTERM and SIGINT. A stop is the rank's to
+    answer (it saves at the end of its step, scaling/train/signals.py), but these signals often
+    reach the whole process group: torchrun ends its ranks with killpg, a terminal's Ctrl-C and
+    Slurm's job-step signal go to every process. A worker killed by one makes the rank's
+    DataLoader raise at once ("worker ... killed by signal: Terminated"), before it can save.
+    Workers still end with their rank: PyTorch's worker loop exits when its parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_pretrain_loader(
     shards=None,
     *,
@@ -397,12 +409,14 @@ def build_pretrain_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         # in_order (the default) is what makes batch j come from worker j % num_workers.
         in_order=True,
+        worker_init_fn=outlive_stop_signals,
     )
     return PretrainLoader(dataset, loader)
 
 
 __all__ = [
     "build_pretrain_loader",
+    "outlive_stop_signals",
     "PretrainLoader",
     "PretrainClips",
     "Counters",

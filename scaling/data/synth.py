@@ -196,7 +196,7 @@ def write_synthetic_shards(out_dir, num_videos, videos_per_shard=8, num_frames=4
             frames = render(rng, label, num_frames, height, width)
             sink.write(
                 {
-                    "__key__": "%08d" % idx,
+                    "__key__": f"{idx:08d}",
                     "mp4": encode_mp4(frames, fps),
                     "json": {
                         "label": label,

@@ -253,3 +253,27 @@ def test_read_clips_decodes_once_and_matches_single_clips(shards):
     clips = read_clips(vr, index_lists)
     for idx, clip in zip(index_lists, clips):
         assert np.array_equal(clip, read_frames(open_video(mp4), idx))
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_loader_workers_outlive_a_stop_signal_to_the_process_group(shards, kind):
+    """torchrun (killpg), a terminal's Ctrl-C and Slurm signal a rank's whole process group. The
+    rank answers by saving at the end of its step; a worker killed by the signal would make its
+    DataLoader raise first ("worker ... killed by signal: Terminated"), so workers ignore it."""
+    import os
+    import signal
+
+    from scaling.data.finite import build_finetune_loader
+
+    if kind == "pretrain":
+        loader = build_pretrain_loader(shards, videos_per_batch=2, num_workers=2, **SMALL)
+    else:
+        loader = build_finetune_loader(shards, videos_per_batch=2, num_workers=2, rand_aug=None, reprob=0, **SMALL)
+    it = iter(loader)
+    next(it)
+    for worker in it._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    batches = [next(it) for _ in range(4 if kind == "pretrain" else 3)]  # 12 videos: 6 finetune batches, 1 taken
+    assert all(b["video"].shape[0] >= 2 for b in batches)
+    assert all(w.is_alive() for w in it._workers)
