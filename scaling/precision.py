@@ -169,3 +169,31 @@ def resolve_run_precision(cfg, threads: int, say=print) -> Choice:
         cfg.train.precision = choice.precision
         say(f"[scaling] train.precision auto -> {choice.precision}: {choice.reason}")
     return choice
+
+
+def agree_on_precision(cfg, say=print) -> str:
+    """Every rank trains in rank 0's precision. Ranks under an external launcher start with
+    `auto` unresolved (scaling/cli/train.py): rank 0 decides (its cache or a measurement) and
+    broadcasts, once the process group exists and before the engine is built, so nodes whose
+    CPUs, caches or timings differ cannot train in different precisions. Returns the precision."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and cfg.train.precision == "auto":
+        resolve_run_precision(cfg, torch.get_num_threads(), say=say)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return cfg.train.precision
+    choice = [cfg.train.precision]
+    dist.broadcast_object_list(choice, src=0, device=collective_device())
+    cfg.train.precision = choice[0]
+    return choice[0]
+
+
+def collective_device() -> torch.device | None:
+    """The device a broadcast of Python objects goes through: this rank's GPU under NCCL (else each
+    rank of a node would open a context on GPU 0), the CPU otherwise."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return None
