@@ -11,8 +11,9 @@ auto, decided once per run before any rank trains and said in one line with its 
           either run bf16 several times slower.
 The CPU answer is cached per machine in ~/.cache/scaling/precision.json (or
 $SCALING_PRECISION_CACHE), keyed by CPU model, core count, torch version, threads per rank and
-block shape, so another machine, torch or model measures afresh; ranks that start together on
-one machine take a file lock, and only the first measures.
+block shape, so another machine, torch or model measures afresh; processes that decide
+together on one machine take a file lock, and only the first measures. Across nodes rank 0
+decides and every rank takes its answer (`agree_on_precision`).
 """
 from __future__ import annotations
 
