@@ -32,7 +32,7 @@ def offload_json(tmp_path, device="cpu", **keys) -> str:
     (["optim.offload_adam=adam"], "optim.offload_adam 'adam' is unknown; choose auto, torch, deepspeed"),
     ([f"train.ds_config={NO_OFFLOAD}", "optim.offload_adam=deepspeed"],
      "optim.offload_adam=deepspeed steps optimizer states that ZeRO offloads, and train.ds_config"),
-    (["FORCED", "optim.offload_adam=auto"], "sets zero_force_ds_cpu_optimizer=true, which refuses torch's AdamW"),
+    (["FORCED", "optim.offload_adam=torch"], "sets zero_force_ds_cpu_optimizer=true, which refuses torch's AdamW"),
 ])
 def test_offload_adam_mistakes_are_one_sentence_before_launch(tmp_path, capsys, overrides, message):
     if "FORCED" in overrides:
