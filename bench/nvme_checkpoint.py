@@ -7,7 +7,7 @@ count unchanged) on 2 CPU ranks, ZeRO-3 + bf16, optimizer states in NVMe swap fi
 (ds_configs/zero3_nvme_offload.json with a fresh swap folder). Each arm is one launch:
 
   save_<writer>  step 1, save through scaling.train.checkpoint.save (engine.save_checkpoint, as
-                 `scaling pretrain` saves), step 2. writer: `torch` (DeepSpeed's default
+                 `scaling pretrain` saves), steps 2 and 3. writer: `torch` (DeepSpeed's default
                  checkpoint engine, torch.save) or `fast` (DeepSpeed's FastCheckpointEngine:
                  `"checkpoint": {"writer": {"type": "fast"}}`, torch.save through pinned
                  buffers and async I/O; its writer pins a buffer with `Tensor.pin_memory()`,
@@ -15,12 +15,16 @@ count unchanged) on 2 CPU ranks, ZeRO-3 + bf16, optimizer states in NVMe swap fi
                  deepspeed.initialize, so it is not a default arm). A thread samples each rank's RSS every 20 ms during
                  the save; the step's peak RSS is the high-water mark before it.
   resume         a fresh engine loads the save_torch checkpoint (scaling.train.checkpoint.resume)
-                 and takes step 2 on the same clip: its loss should equal save_torch's step 2,
-                 and Adam's step count should be 2 (the JSON has both).
+                 and takes steps 2 and 3 on the same clips: step 2's loss shows the weights came
+                 back, step 3's that Adam's moments and step count did (its update is in it);
+                 both should equal save_torch's, and Adam's step count should be 3.
 
 DeepSpeed 0.19 saves NVMe-held optimizer state by copying the swap files into
 <tag>/offloaded_tensors/rank<N>/ (shutil.copytree, engine.save_checkpoint) and copies them
-back on load; the JSON records the files' sizes next to the zero_pp_rank_* files.
+back on load, but skips the ZeRO optimizer file then: alone that resumed Adam at step 1 with
+zero moments (and the sub-groups too small for swap files at their initial weights), which
+scaling.train.checkpoint.restore_nvme_adam_state now puts back. The JSON records the files' sizes
+next to the zero_pp_rank_* files.
 """
 from __future__ import annotations
 
@@ -95,7 +99,7 @@ def worker(args) -> None:
     rank, world = init_ranks()
     cfg = load_config(None, [
         "model.name=vit_b", "model.num_frames=4", "model.input_size=128", "data.source=noise", "data.num_sample=1",
-        f"train.global_batch={world}", "train.precision=bf16", "train.steps=2", "optim.warmup_steps=0",
+        f"train.global_batch={world}", "train.precision=bf16", "train.steps=3", "optim.warmup_steps=0",
         "tracking.enabled=false", f"train.ds_config={args.ds_config}"])
     validate(cfg, world)
     ds_config = build_ds_config(cfg, world)
@@ -119,7 +123,7 @@ def worker(args) -> None:
     row = {"rank": rank, "optimizer": type(engine.basic_optimizer).__name__}  # optim.offload_adam's default
     if args.arm == "resume":
         checkpoint.resume(engine, ckpt, "step00000001")
-        row["losses"] = [None, step(1)]
+        row["losses"] = [None, step(1), step(2)]
     else:
         row["losses"] = [step(0)]
         row["peak_rss_before_save_gib"] = peak_rss() / GiB
@@ -130,9 +134,9 @@ def worker(args) -> None:
             checkpoint.save(engine, ckpt, 1, {"step": 1}, keep=0)
         row["save_s"] = time.perf_counter() - t0
         row["peak_rss_during_save_gib"] = sampled.peak / GiB
-        row["losses"].append(step(1))
+        row["losses"] += [step(1), step(2)]
     row["peak_rss_gib"] = peak_rss() / GiB
-    # Adam's step count after the last step: 2 when the optimizer state came through the save.
+    # Adam's step count after the last step: 3 when the optimizer state came through the save.
     row["adam_step_counts"] = sorted({int(st["step"]) for st in engine.optimizer.optimizer.state.values() if "step" in st})
     Path(args.worker_out).with_suffix(f".rank{rank}.json").write_text(json.dumps(row))
     dist.barrier()
@@ -195,8 +199,10 @@ def main() -> int:
             print(f"[nvme_checkpoint] {arm}: {json.dumps(entry)[:600]}", flush=True)
             shutil.rmtree(tmp / f"swap_{arm}", ignore_errors=True)
         if "resume" in result["arms"] and "save_torch" in result["arms"]:
-            result["resumed_step2_loss_equals_uninterrupted"] = [
-                a["losses"][1] == b["losses"][1] for a, b in zip(result["arms"]["save_torch"]["ranks"], result["arms"]["resume"]["ranks"])]
+            pairs = list(zip(result["arms"]["save_torch"]["ranks"], result["arms"]["resume"]["ranks"]))
+            result["resumed_losses_equal_uninterrupted"] = [a["losses"][1:] == b["losses"][1:] for a, b in pairs]
+            result["resumed_adam_steps_equal_uninterrupted"] = [
+                a["adam_step_counts"] == b["adam_step_counts"] for a, b in pairs]
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["loadavg_after"] = os.getloadavg()
     out = Path(args.out)

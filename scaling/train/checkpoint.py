@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scaling.errors import UserError
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TAG = re.compile(r"step\d{8}")
@@ -347,7 +349,52 @@ def resume(engine, ckpt_dir: str | Path, tag: str | None) -> dict | None:
     if universal:
         for group, hyper in zip(engine.optimizer.param_groups, built):
             group.update(hyper)
+    elif engine.zero_nvme_offload_optimizer():
+        restore_nvme_adam_state(engine, ckpt_dir, tag)
     return client_state
+
+
+def restore_nvme_adam_state(engine, ckpt_dir: str | Path, tag: str) -> None:
+    """Give a ZeRO-3 optimizer whose states live on NVMe back its Adam step count and moments.
+
+    DeepSpeed's load copies the checkpoint's swap files (fp32 weights, `exp_avg-<id>`,
+    `exp_avg_sq-<id>`) into the swap folder but skips the ZeRO optimizer file, so the fresh
+    optimizer has no state entries: its swapper reads only the weights back, Adam starts again
+    at step 1 with zero moments, and the sub-groups kept in RAM keep their initial weights.
+    Loading that file's optimizer state dict restores `step` (and the RAM sub-groups' moments
+    and fp32 weights, which it holds in full); the swapped sub-groups' moments were saved
+    swapped out (empty), so each gets a placeholder of the partition's size, which the swapper
+    registers on the next swap-in and fills from the copied `exp_avg*` files (it re-points them
+    at its pinned buffers, so the placeholders are never written).
+    """
+    zero_optimizer = engine.optimizer
+    # As DeepSpeed's own load does: partition every parameter first, and gather the persistent
+    # (small, never partitioned at run time) ones again at the end, so they see the restored weights.
+    zero_optimizer.checkpoint_event_prologue()
+    # The file holds {"optimizer_state_dict": the ZeRO optimizer's state dict, ...}; Adam's own
+    # state dict sits under the same key inside that.
+    saved = torch.load(engine._get_zero_ckpt_name(str(ckpt_dir), tag), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]
+    # The flat fp32 partitions are the base optimizer's params only while they sit in its groups.
+    zero_optimizer._set_fp32_optimizer_param_groups()
+    try:
+        zero_optimizer.optimizer.load_state_dict(saved["optimizer_state_dict"])
+    finally:
+        zero_optimizer._clear_fp32_optimizer_param_groups()
+    swapper = zero_optimizer.optimizer_swapper
+    for i, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+        if not zero_optimizer._swappable_optimizer_subgroup(i):
+            # Sub-groups too small for async I/O stay in RAM and have no swap file: their fp32
+            # weights are in the ZeRO file, and the 16-bit partition is refreshed from them.
+            flat.data.copy_(saved["fp32_flat_groups"][i].data)
+            zero_optimizer._reassign_or_swap_out_partitioned_parameters(i)
+            continue
+        info = swapper.swap_params_info[swapper.parameter_id(flat)]
+        state = zero_optimizer.optimizer.state.get(flat, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.numel() == 0:
+                state[key] = torch.empty(info.numel(), dtype=info.dtype())
+    zero_optimizer.checkpoint_event_epilogue()
 
 
 def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = None, extra: dict | None = None) -> Path:
@@ -361,6 +408,7 @@ def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = No
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no '{LATEST}' file); train first or pass --tag")
+    refuse_nvme_export(Path(ckpt_dir) / tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -368,3 +416,21 @@ def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = No
     torch.save({"model": state, "tag": tag, **(extra or {})}, tmp)
     tmp.replace(out)  # atomic: a kill never leaves a half-written export under the final name
     return out
+
+
+class NvmeExportError(UserError, RuntimeError):
+    """A checkpoint whose fp32 weights only DeepSpeed's NVMe swap files hold."""
+
+
+def refuse_nvme_export(tag_dir: Path) -> None:
+    """Refuse, in one sentence, a checkpoint saved with the optimizer offloaded to NVMe.
+
+    DeepSpeed saves such a run's fp32 master weights only as swap files in
+    `<tag>/offloaded_tensors/` (one per optimizer sub-group, named by parameter ids); its
+    consolidation reads the ZeRO files, where they are empty, and stops with a numel traceback.
+    """
+    if (tag_dir / "offloaded_tensors").is_dir():
+        raise NvmeExportError(
+            f"{tag_dir} was saved with the optimizer offloaded to NVMe, so its fp32 weights are only in "
+            f"{tag_dir / 'offloaded_tensors'}, which DeepSpeed's consolidation cannot read; exporting it is not "
+            f"supported yet, so export a checkpoint of a run whose offload_optimizer.device is cpu or none")
