@@ -24,7 +24,9 @@ DeepSpeed 0.19 saves NVMe-held optimizer state by copying the swap files into
 back on load, but skips the ZeRO optimizer file then: alone that resumed Adam at step 1 with
 zero moments (and the sub-groups too small for swap files at their initial weights), which
 scaling.train.checkpoint.restore_nvme_adam_state now puts back. The JSON records the files' sizes
-next to the zero_pp_rank_* files.
+next to the zero_pp_rank_* files, and
+whether `scaling export` consolidates the save (fp32 weights read from the swap files) to weights
+that round to the run's bf16 ones.
 """
 from __future__ import annotations
 
@@ -133,6 +135,10 @@ def worker(args) -> None:
         with RssSampler() as sampled:
             checkpoint.save(engine, ckpt, 1, {"step": 1}, keep=0)
         row["save_s"] = time.perf_counter() - t0
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):  # what `export` must round to
+            if rank == 0:
+                torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, ckpt / "bf16_weights.pt")
         row["peak_rss_during_save_gib"] = sampled.peak / GiB
         row["losses"] += [step(1), step(2)]
     row["peak_rss_gib"] = peak_rss() / GiB
@@ -153,6 +159,22 @@ def ds_config_for(tmp: Path, arm: str, writer: str) -> Path:
     path = tmp / f"nvme_{arm}.json"
     path.write_text(json.dumps(ds))
     return path
+
+
+def export_check(ckpt: Path) -> dict:
+    """`scaling export`'s consolidation of the save (fp32 weights from the NVMe swap files): each
+    weight rounded to bf16 must equal the run's bf16 weight gathered right after the save."""
+    import torch
+
+    from scaling.train.checkpoint import export_fp32
+
+    t0 = time.perf_counter()
+    exported = torch.load(export_fp32(ckpt, ckpt / "model_fp32.pt", tag="step00000001"), weights_only=False)["model"]
+    seconds = time.perf_counter() - t0
+    live = torch.load(ckpt / "bf16_weights.pt")
+    return {"s": round(seconds, 1), "numel": sum(t.numel() for t in exported.values()),
+            "same_names": exported.keys() == live.keys(),
+            "rounds_to_run_bf16": all(torch.equal(exported[n].bfloat16(), w) for n, w in live.items())}
 
 
 def launch(arm: str, ds_config: Path, ckpt: Path, out: Path) -> list[dict]:
@@ -193,6 +215,7 @@ def main() -> int:
             rows = launch(arm, ds_config_for(tmp, arm, writer), ckpt, tmp / f"{arm}.json")
             entry = {"ranks": rows, "loadavg_after": os.getloadavg()}
             if arm != "resume":
+                entry["export"] = export_check(ckpt)
                 entry["files_bytes"] = sizes(ckpt / "step00000001")
                 entry["swap_files_bytes"] = sum(p.stat().st_size for p in (tmp / f"swap_{arm}").rglob("*") if p.is_file())
             result["arms"][arm] = entry

@@ -408,8 +408,10 @@ def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = No
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no '{LATEST}' file); train first or pass --tag")
-    refuse_nvme_export(Path(ckpt_dir) / tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if (Path(ckpt_dir) / tag / "offloaded_tensors").is_dir():
+        state = nvme_fp32_state_dict(Path(ckpt_dir) / tag)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -418,19 +420,63 @@ def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = No
     return out
 
 
+
 class NvmeExportError(UserError, RuntimeError):
-    """A checkpoint whose fp32 weights only DeepSpeed's NVMe swap files hold."""
+    """A checkpoint whose NVMe swap files do not match the layout its ZeRO files describe."""
 
 
-def refuse_nvme_export(tag_dir: Path) -> None:
-    """Refuse, in one sentence, a checkpoint saved with the optimizer offloaded to NVMe.
+def nvme_fp32_state_dict(tag_dir: Path) -> dict:
+    """Consolidate a ZeRO-3 checkpoint saved with the optimizer offloaded to NVMe.
 
-    DeepSpeed saves such a run's fp32 master weights only as swap files in
-    `<tag>/offloaded_tensors/` (one per optimizer sub-group, named by parameter ids); its
-    consolidation reads the ZeRO files, where they are empty, and stops with a numel traceback.
+    DeepSpeed keeps such a run's fp32 master weights only in swap files,
+    `<tag>/offloaded_tensors/rank<NN>/<ds_id>.tensor.swp`, one per optimizer sub-group that
+    was big enough to swap; in the ZeRO file that sub-group's `fp32_flat_groups` entry is
+    empty but keeps its `ds_id`, and DeepSpeed's consolidation stops with a numel traceback.
+    Each empty entry is filled from its file (raw fp32, padded to the async-I/O alignment, so
+    cut to the sub-group's size), then DeepSpeed's own ZeRO-3 merge runs unchanged.
     """
-    if (tag_dir / "offloaded_tensors").is_dir():
-        raise NvmeExportError(
-            f"{tag_dir} was saved with the optimizer offloaded to NVMe, so its fp32 weights are only in "
-            f"{tag_dir / 'offloaded_tensors'}, which DeepSpeed's consolidation cannot read; exporting it is not "
-            f"supported yet, so export a checkpoint of a run whose offload_optimizer.device is cpu or none")
+    from deepspeed.utils import zero_to_fp32 as z
+
+    models = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+    stage, world, groups, _ = z.parse_optim_states(z.get_optim_files(str(tag_dir)), str(tag_dir))
+    if stage != 3:
+        raise NvmeExportError(f"{tag_dir} holds NVMe swap files but a ZeRO stage {stage} optimizer; export needs stage 3")
+    numels = sub_group_numels(models[0].param_shapes, world, sub_group_size_of(tag_dir))
+    for rank, flats in enumerate(groups):
+        if len(flats) != len(numels):
+            raise NvmeExportError(f"{tag_dir}: rank {rank} saved {len(flats)} optimizer sub-groups where its parameters "
+                                  f"make {len(numels)}; export the checkpoint with the DeepSpeed version that wrote it")
+        for i, (flat, numel) in enumerate(zip(flats, numels)):
+            if flat.numel() == 0 and numel:
+                flats[i] = read_swap_file(tag_dir / "offloaded_tensors" / f"rank{rank:02d}" / f"{flat.ds_id}.tensor.swp", numel)
+    return z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(world, groups, models, False))
+
+
+def sub_group_size_of(tag_dir: Path) -> int:
+    """The run's zero_optimization.sub_group_size (DeepSpeed's default 1e9), from its model-states file."""
+    first = sorted(tag_dir.glob("*_model_states.pt"))[0]
+    ds_config = torch.load(first, map_location="cpu", weights_only=False).get("ds_config") or {}
+    return int(float(ds_config.get("zero_optimization", {}).get("sub_group_size", 1e9)))
+
+
+def sub_group_numels(param_shapes: list[dict], world: int, sub_group_size: int) -> list[int]:
+    """Each optimizer sub-group's numel on one rank, split as DeepSpeed's stage 3 splits them:
+    per param group, in order, a sub-group closes once its partitions reach `sub_group_size`."""
+    numels = []
+    for group in param_shapes:
+        total = 0
+        for j, shape in enumerate(group.values()):
+            total += math.ceil(shape.numel() / world)
+            if total >= sub_group_size or j == len(group) - 1:
+                numels.append(total)
+                total = 0
+    return numels
+
+
+def read_swap_file(path: Path, numel: int) -> torch.Tensor:
+    """The first `numel` fp32 values of a swap file (what follows is alignment padding)."""
+    size = path.stat().st_size if path.is_file() else 0
+    if size < numel * 4:
+        raise NvmeExportError(f"{path} is missing or holds {size // 4} values where its optimizer sub-group needs {numel}; "
+                              f"the checkpoint is incomplete, so export an earlier one")
+    return torch.from_file(str(path), shared=False, size=size // 4, dtype=torch.float32)[:numel]
