@@ -307,6 +307,7 @@ def prepare_universal(ckpt_dir: str | Path, tag: str | None, world: int, rank: i
     wrote = ranks_that_wrote(ckpt_dir, tag)
     if wrote in (0, world):
         return False
+    refuse_nvme_reshard(Path(ckpt_dir) / tag, wrote, world)
     universal = Path(ckpt_dir) / (tag + UNIVERSAL)
     if rank == 0:
         print(f"[scaling] checkpoint {tag} was written by {wrote} ranks, this run has {world}: "
@@ -343,6 +344,8 @@ def resume(engine, ckpt_dir: str | Path, tag: str | None) -> dict | None:
     built = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     universal = engine.load_universal_checkpoint()
     # A universal load finds its folder through `latest_universal`; a plain one is named.
+    if not universal:
+        refuse_nvme_placement_change(Path(ckpt_dir) / tag, engine.zero_nvme_offload_optimizer())
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=None if universal else tag)
     if path is None:
         raise RunFailed(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded; move it aside to resume from an earlier one")
@@ -352,6 +355,24 @@ def resume(engine, ckpt_dir: str | Path, tag: str | None) -> dict | None:
     elif engine.zero_nvme_offload_optimizer():
         restore_nvme_adam_state(engine, ckpt_dir, tag)
     return client_state
+
+
+def refuse_nvme_reshard(tag_dir: Path, wrote: int, world: int) -> None:
+    """A checkpoint whose optimizer state is in per-rank NVMe swap files cannot be converted to
+    a universal one (DeepSpeed's converter reads the ZeRO files, where those tensors are empty)."""
+    if (tag_dir / "offloaded_tensors").is_dir():
+        raise RunFailed(f"checkpoint {tag_dir} keeps its optimizer state in NVMe swap files written by {wrote} ranks, "
+                        f"which cannot be re-split for {world}; resume it with {wrote} ranks")
+
+
+def refuse_nvme_placement_change(tag_dir: Path, nvme_now: bool) -> None:
+    """An optimizer saved to NVMe swap files loads only into an NVMe-offloaded one, and back
+    (DeepSpeed's load would copy missing swap files, or empty fp32 tensors, and stop with a traceback)."""
+    saved_nvme = (tag_dir / "offloaded_tensors").is_dir()
+    if saved_nvme != nvme_now:
+        was, now = ("nvme", "not nvme") if saved_nvme else ("not nvme", "nvme")
+        raise RunFailed(f"checkpoint {tag_dir} was saved with offload_optimizer.device {was} and this run's is {now}; "
+                        f"resume it with the DeepSpeed config it was saved with (train.ds_config)")
 
 
 def restore_nvme_adam_state(engine, ckpt_dir: str | Path, tag: str) -> None:
