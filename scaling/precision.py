@@ -11,8 +11,9 @@ auto, decided once per run before any rank trains and said in one line with its 
           either run bf16 several times slower.
 The CPU answer is cached per machine in ~/.cache/scaling/precision.json (or
 $SCALING_PRECISION_CACHE), keyed by CPU model, core count, torch version, threads per rank and
-block shape, so another machine, torch or model measures afresh; ranks that start together on
-one machine take a file lock, and only the first measures.
+block shape, so another machine, torch or model measures afresh; processes that decide
+together on one machine take a file lock, and only the first measures. Across nodes rank 0
+decides and every rank takes its answer (`agree_on_precision`).
 """
 from __future__ import annotations
 
@@ -169,3 +170,31 @@ def resolve_run_precision(cfg, threads: int, say=print) -> Choice:
         cfg.train.precision = choice.precision
         say(f"[scaling] train.precision auto -> {choice.precision}: {choice.reason}")
     return choice
+
+
+def agree_on_precision(cfg, say=print) -> str:
+    """Every rank trains in rank 0's precision. Ranks under an external launcher start with
+    `auto` unresolved (scaling/cli/train.py): rank 0 decides (its cache or a measurement) and
+    broadcasts, once the process group exists and before the engine is built, so nodes whose
+    CPUs, caches or timings differ cannot train in different precisions. Returns the precision."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and cfg.train.precision == "auto":
+        resolve_run_precision(cfg, torch.get_num_threads(), say=say)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return cfg.train.precision
+    choice = [cfg.train.precision]
+    dist.broadcast_object_list(choice, src=0, device=collective_device())
+    cfg.train.precision = choice[0]
+    return choice[0]
+
+
+def collective_device() -> torch.device | None:
+    """The device a broadcast of Python objects goes through: this rank's GPU under NCCL (else each
+    rank of a node would open a context on GPU 0), the CPU otherwise."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return None

@@ -20,6 +20,7 @@ def cmd_train(args, stage: str | None = None) -> int:
     world = int(os.environ["WORLD_SIZE"]) if launch.under_launcher() else cfg.train.ranks
     validate(cfg, world)
     resolve_precision(cfg, launch.under_launcher())
+    resolve_offload_adam(cfg, launch.under_launcher())
     check_before_launch(cfg, probe_tracking=not launch.under_launcher())
     claim_run_folder(cfg, args, launch.under_launcher())
     if not launch.under_launcher() and cfg.train.ranks > 1:
@@ -58,14 +59,24 @@ def cmd_train(args, stage: str | None = None) -> int:
 
 
 def resolve_precision(cfg, under_launcher: bool) -> None:
-    """`train.precision: auto` -> bf16/fp16/fp32 here, before the ranks start (each rank of an
-    external launcher decides itself; one per machine measures, the rest read its cache), so
-    the config saved beside the checkpoints says what was trained. Rank 0 says why."""
+    """`train.precision: auto` -> bf16/fp16/fp32 here, before the ranks start, so the config saved
+    beside the checkpoints says what was trained; rank 0 says why. Under an external launcher
+    only rank 0 decides: the others keep `auto` and take rank 0's choice once the process group
+    exists (scaling.precision.agree_on_precision), so nodes cannot decide differently."""
     from scaling.precision import resolve_run_precision
 
+    if under_launcher and os.environ.get("RANK", "0") != "0":
+        return
     threads = torch_threads() if under_launcher or cfg.train.ranks == 1 else max(1, (os.cpu_count() or 1) // cfg.train.ranks)
+    resolve_run_precision(cfg, threads, say=lambda line: print(line, flush=True))
+
+
+def resolve_offload_adam(cfg, under_launcher: bool) -> None:
+    """`optim.offload_adam: auto` -> its choice for an offloaded run, said once (rank 0)."""
+    from scaling.train.offload_optimizer import resolve_offload_adam as resolve
+
     quiet = under_launcher and os.environ.get("RANK") != "0"
-    resolve_run_precision(cfg, threads, say=(lambda _: None) if quiet else lambda line: print(line, flush=True))
+    resolve(cfg, say=(lambda _: None) if quiet else lambda line: print(line, flush=True))
 
 
 def torch_threads() -> int:

@@ -20,6 +20,7 @@ from scaling.masking import MASK_MODES, check_mask
 from scaling.models.classify import HEADS
 from scaling.models.probe_heads import PROBE_HEADS
 from scaling.models.vit import VIT_SIZES, get_size, num_tokens
+from scaling.train.offload_optimizer import problem_with as offload_adam_problem
 
 
 def validate_finetune(cfg: RunConfig, world_size: int, check_files: bool = True) -> None:
@@ -187,6 +188,9 @@ def validate_ds_json(cfg: RunConfig) -> None:
         raise ConfigError(f"train.ds_config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"train.ds_config {path} must hold a JSON object")
+    problem = offload_adam_problem(cfg.optim.offload_adam, ds, path)
+    if problem:
+        raise ConfigError(problem)
     clashes = [k for k in DS_OWNED_KEYS if k in ds]
     if clashes:
         owners = ", ".join(f"{k} (set by {DS_OWNED_KEYS[k]})" for k in clashes)

@@ -122,6 +122,9 @@ class OptimConfig:
     warmup_steps: int = 0  # > 0 wins over warmup_epochs
     warmup_epochs: int = 0  # warmup in epochs (see train.steps_per_epoch / train.epochs)
     clip_grad: float = 0.0  # 0 disables clipping
+    # the AdamW for optimizer states ZeRO offloads to CPU/NVMe: auto | torch (fused) | deepspeed
+    # (DeepSpeedCPUAdam); runs without offload use torch's (scaling/train/offload_optimizer.py)
+    offload_adam: str = "auto"
 
 
 @dataclass

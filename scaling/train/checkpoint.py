@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scaling.errors import UserError
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TAG = re.compile(r"step\d{8}")
@@ -305,6 +307,7 @@ def prepare_universal(ckpt_dir: str | Path, tag: str | None, world: int, rank: i
     wrote = ranks_that_wrote(ckpt_dir, tag)
     if wrote in (0, world):
         return False
+    refuse_nvme_reshard(Path(ckpt_dir) / tag, wrote, world)
     universal = Path(ckpt_dir) / (tag + UNIVERSAL)
     if rank == 0:
         print(f"[scaling] checkpoint {tag} was written by {wrote} ranks, this run has {world}: "
@@ -341,13 +344,78 @@ def resume(engine, ckpt_dir: str | Path, tag: str | None) -> dict | None:
     built = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     universal = engine.load_universal_checkpoint()
     # A universal load finds its folder through `latest_universal`; a plain one is named.
+    if not universal:
+        refuse_nvme_placement_change(Path(ckpt_dir) / tag, engine.zero_nvme_offload_optimizer())
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=None if universal else tag)
     if path is None:
         raise RunFailed(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded; move it aside to resume from an earlier one")
     if universal:
         for group, hyper in zip(engine.optimizer.param_groups, built):
             group.update(hyper)
+    elif engine.zero_nvme_offload_optimizer():
+        restore_nvme_adam_state(engine, ckpt_dir, tag)
     return client_state
+
+
+def refuse_nvme_reshard(tag_dir: Path, wrote: int, world: int) -> None:
+    """A checkpoint whose optimizer state is in per-rank NVMe swap files cannot be converted to
+    a universal one (DeepSpeed's converter reads the ZeRO files, where those tensors are empty)."""
+    if (tag_dir / "offloaded_tensors").is_dir():
+        raise RunFailed(f"checkpoint {tag_dir} keeps its optimizer state in NVMe swap files written by {wrote} ranks, "
+                        f"which cannot be re-split for {world}; resume it with {wrote} ranks")
+
+
+def refuse_nvme_placement_change(tag_dir: Path, nvme_now: bool) -> None:
+    """An optimizer saved to NVMe swap files loads only into an NVMe-offloaded one, and back
+    (DeepSpeed's load would copy missing swap files, or empty fp32 tensors, and stop with a traceback)."""
+    saved_nvme = (tag_dir / "offloaded_tensors").is_dir()
+    if saved_nvme != nvme_now:
+        was, now = ("nvme", "not nvme") if saved_nvme else ("not nvme", "nvme")
+        raise RunFailed(f"checkpoint {tag_dir} was saved with offload_optimizer.device {was} and this run's is {now}; "
+                        f"resume it with the DeepSpeed config it was saved with (train.ds_config)")
+
+
+def restore_nvme_adam_state(engine, ckpt_dir: str | Path, tag: str) -> None:
+    """Give a ZeRO-3 optimizer whose states live on NVMe back its Adam step count and moments.
+
+    DeepSpeed's load copies the checkpoint's swap files (fp32 weights, `exp_avg-<id>`,
+    `exp_avg_sq-<id>`) into the swap folder but skips the ZeRO optimizer file, so the fresh
+    optimizer has no state entries: its swapper reads only the weights back, Adam starts again
+    at step 1 with zero moments, and the sub-groups kept in RAM keep their initial weights.
+    Loading that file's optimizer state dict restores `step` (and the RAM sub-groups' moments
+    and fp32 weights, which it holds in full); the swapped sub-groups' moments were saved
+    swapped out (empty), so each gets a placeholder of the partition's size, which the swapper
+    registers on the next swap-in and fills from the copied `exp_avg*` files (it re-points them
+    at its pinned buffers, so the placeholders are never written).
+    """
+    zero_optimizer = engine.optimizer
+    # As DeepSpeed's own load does: partition every parameter first, and gather the persistent
+    # (small, never partitioned at run time) ones again at the end, so they see the restored weights.
+    zero_optimizer.checkpoint_event_prologue()
+    # The file holds {"optimizer_state_dict": the ZeRO optimizer's state dict, ...}; Adam's own
+    # state dict sits under the same key inside that.
+    saved = torch.load(engine._get_zero_ckpt_name(str(ckpt_dir), tag), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]
+    # The flat fp32 partitions are the base optimizer's params only while they sit in its groups.
+    zero_optimizer._set_fp32_optimizer_param_groups()
+    try:
+        zero_optimizer.optimizer.load_state_dict(saved["optimizer_state_dict"])
+    finally:
+        zero_optimizer._clear_fp32_optimizer_param_groups()
+    swapper = zero_optimizer.optimizer_swapper
+    for i, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+        if not zero_optimizer._swappable_optimizer_subgroup(i):
+            # Sub-groups too small for async I/O stay in RAM and have no swap file: their fp32
+            # weights are in the ZeRO file, and the 16-bit partition is refreshed from them.
+            flat.data.copy_(saved["fp32_flat_groups"][i].data)
+            zero_optimizer._reassign_or_swap_out_partitioned_parameters(i)
+            continue
+        info = swapper.swap_params_info[swapper.parameter_id(flat)]
+        state = zero_optimizer.optimizer.state.get(flat, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.numel() == 0:
+                state[key] = torch.empty(info.numel(), dtype=info.dtype())
+    zero_optimizer.checkpoint_event_epilogue()
 
 
 def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = None, extra: dict | None = None) -> Path:
@@ -361,10 +429,75 @@ def export_fp32(ckpt_dir: str | Path, out_path: str | Path, tag: str | None = No
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no '{LATEST}' file); train first or pass --tag")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if (Path(ckpt_dir) / tag / "offloaded_tensors").is_dir():
+        state = nvme_fp32_state_dict(Path(ckpt_dir) / tag)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.save({"model": state, "tag": tag, **(extra or {})}, tmp)
     tmp.replace(out)  # atomic: a kill never leaves a half-written export under the final name
     return out
+
+
+
+class NvmeExportError(UserError, RuntimeError):
+    """A checkpoint whose NVMe swap files do not match the layout its ZeRO files describe."""
+
+
+def nvme_fp32_state_dict(tag_dir: Path) -> dict:
+    """Consolidate a ZeRO-3 checkpoint saved with the optimizer offloaded to NVMe.
+
+    DeepSpeed keeps such a run's fp32 master weights only in swap files,
+    `<tag>/offloaded_tensors/rank<NN>/<ds_id>.tensor.swp`, one per optimizer sub-group that
+    was big enough to swap; in the ZeRO file that sub-group's `fp32_flat_groups` entry is
+    empty but keeps its `ds_id`, and DeepSpeed's consolidation stops with a numel traceback.
+    Each empty entry is filled from its file (raw fp32, padded to the async-I/O alignment, so
+    cut to the sub-group's size), then DeepSpeed's own ZeRO-3 merge runs unchanged.
+    """
+    from deepspeed.utils import zero_to_fp32 as z
+
+    models = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+    stage, world, groups, _ = z.parse_optim_states(z.get_optim_files(str(tag_dir)), str(tag_dir))
+    if stage != 3:
+        raise NvmeExportError(f"{tag_dir} holds NVMe swap files but a ZeRO stage {stage} optimizer; export needs stage 3")
+    numels = sub_group_numels(models[0].param_shapes, world, sub_group_size_of(tag_dir))
+    for rank, flats in enumerate(groups):
+        if len(flats) != len(numels):
+            raise NvmeExportError(f"{tag_dir}: rank {rank} saved {len(flats)} optimizer sub-groups where its parameters "
+                                  f"make {len(numels)}; export the checkpoint with the DeepSpeed version that wrote it")
+        for i, (flat, numel) in enumerate(zip(flats, numels)):
+            if flat.numel() == 0 and numel:
+                flats[i] = read_swap_file(tag_dir / "offloaded_tensors" / f"rank{rank:02d}" / f"{flat.ds_id}.tensor.swp", numel)
+    return z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(world, groups, models, False))
+
+
+def sub_group_size_of(tag_dir: Path) -> int:
+    """The run's zero_optimization.sub_group_size (DeepSpeed's default 1e9), from its model-states file."""
+    first = sorted(tag_dir.glob("*_model_states.pt"))[0]
+    ds_config = torch.load(first, map_location="cpu", weights_only=False).get("ds_config") or {}
+    return int(float(ds_config.get("zero_optimization", {}).get("sub_group_size", 1e9)))
+
+
+def sub_group_numels(param_shapes: list[dict], world: int, sub_group_size: int) -> list[int]:
+    """Each optimizer sub-group's numel on one rank, split as DeepSpeed's stage 3 splits them:
+    per param group, in order, a sub-group closes once its partitions reach `sub_group_size`."""
+    numels = []
+    for group in param_shapes:
+        total = 0
+        for j, shape in enumerate(group.values()):
+            total += math.ceil(shape.numel() / world)
+            if total >= sub_group_size or j == len(group) - 1:
+                numels.append(total)
+                total = 0
+    return numels
+
+
+def read_swap_file(path: Path, numel: int) -> torch.Tensor:
+    """The first `numel` fp32 values of a swap file (what follows is alignment padding)."""
+    size = path.stat().st_size if path.is_file() else 0
+    if size < numel * 4:
+        raise NvmeExportError(f"{path} is missing or holds {size // 4} values where its optimizer sub-group needs {numel}; "
+                              f"the checkpoint is incomplete, so export an earlier one")
+    return torch.from_file(str(path), shared=False, size=size // 4, dtype=torch.float32)[:numel]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
+from scaling.train.offload_optimizer import build_optimizer, with_offload_adam
 
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
 from scaling.train.schedule import (  # noqa: F401  (re-exported: the training loops import them from here)
@@ -49,7 +50,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds["bf16"] = {"enabled": t.precision == "bf16"}
     ds["fp16"] = {"enabled": t.precision == "fp16", "auto_cast": False, "initial_scale_power": 16}
     ds.setdefault("zero_optimization", {})["stage"] = zero_stage_of(cfg, world_size)
-    return ds
+    return with_offload_adam(ds, cfg.optim.offload_adam)
 
 
 def zero_stage_of(cfg: RunConfig, world_size: int) -> int:
@@ -83,10 +84,8 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Modu
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """torch's AdamW with its fused kernel (CPU and CUDA): one pass over each tensor instead of
-    a dozen elementwise ops. On 2 CPU ranks the single-tensor default took 1.1 s of a ViT-B
-    step (bench/engine_step.py); under ZeRO the tensors are DeepSpeed's flat fp32 partitions."""
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    """torch's fused AdamW, as the engine builds it for runs without offload (bench/engine_step.py)."""
+    return build_optimizer(groups, lr, betas, "torch", {})
 
 
 def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[dict] | None = None,
@@ -98,7 +97,7 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     lr = peak_lr(cfg)
     o = cfg.optim
     groups = groups if groups is not None else param_groups(model, o.weight_decay)
-    optimizer = adamw(groups, lr, o.betas)
+    optimizer = build_optimizer(groups, lr, o.betas, o.offload_adam, ds_config)
     total, warmup = run_steps(cfg)
     total = total_steps or total
     warmup = warmup if warmup_steps is None else warmup_steps

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from scaling.config import RunConfig, save_config, to_dict
+from scaling.precision import agree_on_precision
 from scaling.tracking import flatten, make_tracker
 from scaling.train import checkpoint
 from scaling.train.engine import build_ds_config
@@ -34,6 +35,7 @@ def ds_config_for(cfg: RunConfig, rank: int, world: int) -> tuple[dict, str | No
     out = Path(cfg.train.output_dir)
     if rank == 0:
         (out / checkpoint.FAILED_FILE).unlink(missing_ok=True)  # the error of an earlier run of this folder
+    agree_on_precision(cfg)  # rank 0's train.precision on every rank, before the DeepSpeed config uses it
     ds_config = build_ds_config(cfg, world)
     tag = checkpoint.choose_resume_tag(out / "checkpoints", rank, world)
     if checkpoint.prepare_universal(out / "checkpoints", tag, world, rank):

@@ -88,3 +88,51 @@ def test_unknown_precision_is_one_sentence():
     cfg = load_config(SMOKE, ["train.precision=bf32"])
     with pytest.raises(ConfigError, match="train.precision 'bf32' is unknown; choose auto, bf16, fp16 or fp32"):
         validate(cfg, 2, check_files=False)
+
+
+def _rank_agrees(rank: int, store: str, caches: list[str], results) -> None:
+    """One rank of a 2-process gloo group whose own precision cache (its 'machine') says otherwise."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ[P.CACHE_ENV] = caches[rank]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = load_config(SMOKE, ["train.precision=auto"])
+    said = []
+    precision = P.agree_on_precision(cfg, say=said.append)
+    results.put((rank, precision, cfg.train.precision, said))
+    dist.destroy_process_group()
+
+
+def test_ranks_take_rank_0s_precision(tmp_path, monkeypatch):
+    """Multi-node: each node's cache (or timing) may differ; every rank trains in rank 0's choice,
+    and ranks other than 0 of an external launcher do not decide before the group exists."""
+    from scaling.cli.train import resolve_precision
+
+    cfg = load_config(SMOKE, ["train.precision=auto"])
+    key = P.machine_key(P.run_block_shape(cfg), torch.get_num_threads())
+    caches = []
+    for rank, answer in enumerate(("fp32", "bf16")):  # rank 1 alone would pick bf16
+        caches.append(str(tmp_path / f"node{rank}.json"))
+        entry = {"fp32_s": 1.0, "bf16_s": 0.5 if answer == "bf16" else 2.0, "precision": answer, "measured_at": "then"}
+        (tmp_path / f"node{rank}.json").write_text(json.dumps({key: entry}))
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_agrees, args=(rank, str(tmp_path / "store"), caches, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    rows = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [(rank, precision, resolved) for rank, precision, resolved, _ in rows] == [(0, "fp32", "fp32"), (1, "fp32", "fp32")]
+    assert rows[0][3][0].startswith("[scaling] train.precision auto -> fp32:") and not rows[1][3]
+
+    monkeypatch.setenv(P.CACHE_ENV, caches[1])
+    monkeypatch.setenv("RANK", "1")
+    resolve_precision(cfg, under_launcher=True)
+    assert cfg.train.precision == "auto"  # decided after the process group exists, by rank 0
+    monkeypatch.setenv("RANK", "0")
+    resolve_precision(cfg, under_launcher=True)
+    assert cfg.train.precision == "bf16"  # this 'node's cache
