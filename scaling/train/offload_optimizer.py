@@ -72,6 +72,13 @@ def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], c
 
 def load_cpu_adam_op() -> str | None:
     """Build (first time) and load DeepSpeed's cpu_adam op; the first line of the error, or None."""
+    import os
+    from pathlib import Path
+
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "cpu_adam" / "cpu_adam.so"
+    if not built.is_file():  # the compiler prints nothing for minutes
+        print(f"[scaling] building DeepSpeed's cpu_adam op into {built.parent} (once per venv, ~1.5 min on 2 cores)",
+              flush=True)
     try:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
