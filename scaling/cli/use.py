@@ -43,7 +43,9 @@ def launch_eval_ranks(args) -> int:
         if value is not None:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--no-tracking", args.no_tracking), ("--trust-checkpoint", args.trust_checkpoint)) if on]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}", "--nnodes=1",
+    # scaling.torchrun: torch's launcher, ended at once when it returns (after a SIGTERM it
+    # otherwise waits forever at exit for its output threads; scaling/torchrun.py).
+    cmd = [sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={args.ranks}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "scaling.cli", "eval", *argv]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
