@@ -225,11 +225,13 @@ def classifier_forward_flops(model: VideoClassifier, video: torch.Tensor, drop_m
     return {"total": split["total"], "encoder": split["encoder"], "head": split["other"], "reconstruction": split["decoder"]}
 
 
-def count_variant(variant: str, spec: CompareSpec, device: str = "meta") -> dict:
+def count_variant(variant: str, spec: CompareSpec, device: str = "meta", plain_only: bool = False) -> dict:
     """Parameters, FLOPs and saved bytes of one variant, counted on meta tensors (or, to check
-    that meta counting is faithful, on a real device)."""
+    that meta counting is faithful, on a real device). `plain_only`: skip the second pass with
+    activation checkpointing (its recompute and saved bytes), which a FLOP count for MFU does
+    not use (seconds for ViT-g at every run's start)."""
     out: dict = {"description": describe(variant, spec)}
-    for checkpointing in (False, True):
+    for checkpointing in (False,) if plain_only else (False, True):
         model, forward, tokens = make_step(variant, spec, device)
         model.set_grad_checkpointing(checkpointing)
         saved = SavedTensors(exclude=[*model.parameters(), *model.buffers()])

@@ -153,7 +153,7 @@ def count_step(cfg: RunConfig, world: int) -> dict:
 
     clips = clips_per_step(cfg) // (world * cfg.train.grad_accum)  # what one rank's model sees per micro-step
     variant, spec = compare_spec_for(cfg, clips)
-    counted = count_variant(variant, spec)
+    counted = count_variant(variant, spec, plain_only=True)
     per_micro_batch = counted["forward_flops"]["total"] + counted["backward_flops"]["plain"]["total"]
     return {"flops_per_step": per_micro_batch * world * cfg.train.grad_accum, "variant": variant,
             "clips_per_micro_batch": clips, "encoder_tokens": counted["tokens"]["encoder"],
