@@ -173,7 +173,8 @@ def ddp_arm(cfg, rank: int, world: int, compiled: bool):
     from scaling.losses import masked_reconstruction_loss, normalized_pixel_target
     from scaling.models.pretrain import build_pretrain_model
     from scaling.precision import input_dtype
-    from scaling.train.engine import adamw, param_groups, peak_lr
+    from scaling.train.engine import param_groups, peak_lr
+    from scaling.train.offload_optimizer import build_optimizer
     from scaling.train.pretrain import make_batches, masks_for_rank
     from scaling.train.run import step_seed
 
@@ -182,7 +183,8 @@ def ddp_arm(cfg, rank: int, world: int, compiled: bool):
     model = build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path)
     model.set_grad_checkpointing(m.activation_checkpointing)
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
-    optimizer = adamw(param_groups(model, cfg.optim.weight_decay), peak_lr(cfg), cfg.optim.betas)  # as the engine's
+    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), peak_lr(cfg), cfg.optim.betas,
+                                "torch", {})  # as the engine builds it without offload
     net = DistributedDataParallel(model)
     if compiled:
         net = torch.compile(net)

@@ -40,6 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(ranks: int) -> list[str]:
+    """torch's launcher for `ranks` processes on this machine, run under scaling.torchrun (which
+    ends it at once when it returns: after a SIGTERM it otherwise waits forever at exit for its
+    output threads); the program and its arguments follow."""
+    return [sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+
+
 def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
@@ -63,11 +71,7 @@ def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
 
     for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
         (out / name).unlink(missing_ok=True)
-    cmd = [
-        sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        "-m", "scaling.cli", command, "--config", str(resolved_config),
-    ]
+    cmd = [*torchrun_command(ranks), "-m", "scaling.cli", command, "--config", str(resolved_config)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
                **env_for_ranks(out), **{CLEARED_ENV: "1"})
     # torchrun shares the folder's lock (pass_fds): should this process be killed, the lock lasts

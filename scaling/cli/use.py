@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 WEIGHTS_HELP = ("an export (.pt or .safetensors from `scaling export` or a pipeline stage), a run folder (its latest "
                 "DeepSpeed checkpoint), a checkpoints/ or step folder, or a public VideoMAE V2 checkpoint (.pth)")
@@ -33,7 +32,7 @@ def cmd_eval(args) -> int:
 
 def launch_eval_ranks(args) -> int:
     """`args.ranks` local processes with torch's launcher, each running this same command."""
-    from scaling.launch import free_port
+    from scaling.launch import torchrun_command
 
     argv = ["--weights", args.weights, "--shards", args.shards, "--batch", str(args.batch),
             "--workers", str(args.workers), "--experiment", args.experiment]
@@ -43,10 +42,7 @@ def launch_eval_ranks(args) -> int:
         if value is not None:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--no-tracking", args.no_tracking), ("--trust-checkpoint", args.trust_checkpoint)) if on]
-    # scaling.torchrun: torch's launcher, ended at once when it returns (after a SIGTERM it
-    # otherwise waits forever at exit for its output threads; scaling/torchrun.py).
-    cmd = [sys.executable, "-m", "scaling.torchrun", "torch.distributed.run", f"--nproc-per-node={args.ranks}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "scaling.cli", "eval", *argv]
+    cmd = [*torchrun_command(args.ranks), "-m", "scaling.cli", "eval", *argv]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
 

@@ -83,11 +83,6 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict) -> nn.Modu
         return make_model()
 
 
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """torch's fused AdamW, as the engine builds it for runs without offload (bench/engine_step.py)."""
-    return build_optimizer(groups, lr, betas, "torch", {})
-
-
 def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[dict] | None = None,
                total_steps: int | None = None, warmup_steps: int | None = None):
     """AdamW over `groups` (default: decay / no-decay) + the reference's warmup-cosine, inside DeepSpeed.
