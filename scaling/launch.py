@@ -96,9 +96,18 @@ def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
     try:
         code = proc.wait()
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
+        if signals:  # this process is stopping too: a signal that comes while it winds up changes nothing
+            for s in before:
+                signal.signal(s, _after_the_ranks_stopped)
+        else:  # a pipeline's next stage, or the caller, answers signals its own way again
+            for s, handler in before.items():
+                signal.signal(s, handler)
     return EXIT_INTERRUPTED if len(signals) > 1 else code
+
+
+def _after_the_ranks_stopped(signum, frame) -> None:
+    print(f"\n[scaling] {signal.Signals(signum).name}: the ranks have already stopped; finishing up",
+          file=sys.stderr, flush=True)
 
 
 def _end_with_parent() -> None:

@@ -303,6 +303,13 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"step {step} not reached")
 
 
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+
+
 @contextmanager
 def started(cmd: list[str], tmp_path: Path):
     """`cmd` running in the background; killed if the test fails before it ends."""
@@ -352,7 +359,9 @@ def test_one_run_per_folder_changed_config_and_stop_signals(tmp_path):
         wait_for_step(out, stopped["step"] + 2, again)
         tree = process_tree(again.pid)
         again.send_signal(signal.SIGINT)
-        time.sleep(0.3)  # Python runs one handler for signals that arrive together; a person is slower than this
+        # The second once the first has been answered (STOP written): Python runs one handler for
+        # signals that arrive together, and a person is slower than that.
+        wait_until(lambda: (out / "STOP").exists(), again)
         again.send_signal(signal.SIGINT)
         _, err = again.communicate(timeout=120)
     assert again.returncode == 130, err[-3000:]
