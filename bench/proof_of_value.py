@@ -51,7 +51,9 @@ and a difference between two arms has a std of ~4 points):
   decoder 0.97-1.00. Sabotaged (proof_of_value_sabotage/*.diff applied to pre-training):
   zeroed target 0.998, another video's target 1.012, encoder left out of the optimizer 0.912
   with the initial encoder giving the same 0.911; all three fail the test. The same mask for
-  every clip still learns (0.897): not a broken pre-training, and the test passes it.
+  every clip still learns (0.897), as would masks not sliced per rank: tests/unit/
+  test_pretrain_masks.py catches both; a probe that keeps its random trunk fails
+  tests/integration/test_probe_stage.py (proof_of_value_ci_seeds.json, "sabotage_tests").
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ exactly in tests/integration/test_probe_stage.py.
 A sabotaged pre-training fails it (bench/results/proof_of_value_sabotage/*.diff, numbers in
 bench/results/proof_of_value_ci_seeds.json): a zeroed target or another video's target never
 gets below predicting zeros; an encoder left out of the optimizer lets the decoder alone bring
-the loss down, but the initial encoder then does as well as the "trained" one.
+the loss down, but the initial encoder then does as well as the "trained" one. Masks not sliced
+per rank, or one mask for every clip, still learn: tests/unit/test_pretrain_masks.py covers them.
 """
 import json
 import subprocess
