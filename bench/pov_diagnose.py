@@ -35,8 +35,11 @@ with 256 val clips one clip is 0.4 points and a difference between arms has a st
     debug    1e-4     1000   4 min  0.814 (tube 0.5)        29.7 -> 36.7  75.4 -> 81.6
     debug    1e-4     1000   4 min  0.818 (random 0.75)     29.7 -> 37.9  75.4 -> 81.2
     dec 128x4 1e-4    1000  10 min  0.817 (debug encoder)   28.5 -> 39.1  63.3 -> 85.5
+    debug    3e-4      400   2 min  0.879 (8 frames, stride 4) 31.6 -> 36.7  75.8 -> 84.0
 
-  (the last three at load 6-10; a lower mask ratio, random masking or a 4-block decoder of
+  (the 8-frame row, a CI-sized try: `--frames 8 --stride 4 --steps 400 --lr 3e-4`, half the
+  tokens; +5 and +8 points, short of a margin a test could rely on with 256 clips.
+  The three rows above it at load 6-10; a lower mask ratio, random masking or a 4-block decoder of
   width 128 did not move the linear probe beyond what tube 0.9 gives at the same step count.
   A panning textured background, tried in the motion renderer, raised the random linear
   baseline to 39.8 and left the reconstruction at 0.99 after 300 steps: reverted.)
