@@ -48,9 +48,11 @@ and a difference between two arms has a std of ~4 points):
 - ci size as it is now (200 steps at peak lr 1e-3, 128 / 64 videos, one rank; 55-80 s of
   pipeline at load 5-8; proof_of_value_ci_seeds.json): held-out reconstruction 0.89-0.91 at
   5 seeds against zeros 0.998 and initial weights 1.04; the initial encoder behind the trained
-  decoder 0.97-1.00. Sabotaged (proof_of_value_sabotage/*.diff applied to pre-training):
-  zeroed target 0.998, another video's target 1.012, encoder left out of the optimizer 0.912
-  with the initial encoder giving the same 0.911; all three fail the test. The same mask for
+  decoder 0.95-1.02. On 2 ranks through `scaling pipeline run` (proof_of_value_ci_2ranks.json,
+  135 s): 0.901, 1.038, 0.993, as in one process. Sabotaged (proof_of_value_sabotage/*.diff
+  applied to pre-training): zeroed target 0.998, another video's target 1.012, encoder left
+  out of the optimizer 0.912 with the initial encoder giving the same 0.911; all three fail
+  the test. The same mask for
   every clip still learns (0.897), as would masks not sliced per rank: tests/unit/
   test_pretrain_masks.py catches both; a probe that keeps its random trunk fails
   tests/integration/test_probe_stage.py (proof_of_value_ci_seeds.json, "sabotage_tests").
