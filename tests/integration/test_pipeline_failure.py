@@ -27,7 +27,8 @@ def one_stage_pipeline(tmp: Path) -> Path:
 
 
 def rank_pids(stage_dir: Path) -> list[int]:
-    """The rank processes (not torchrun) started for this stage."""
+    """The rank processes (not torchrun) of the pipeline running this stage (its warm ranks,
+    started once for all its stages, hand-shake under <output_dir>/.warm)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -35,7 +36,8 @@ def rank_pids(stage_dir: Path) -> list[int]:
         except (OSError, ValueError):
             continue
         text = b" ".join(cmd).decode(errors="replace")
-        if proc.name.isdigit() and "scaling.cli train" in text and str(stage_dir) in text and "torch.distributed.run" not in text:
+        if proc.name.isdigit() and "scaling.pipeline.warm" in text and str(stage_dir.parent / ".warm") in text \
+                and "torch.distributed.run" not in text:
             pids.append(int(proc.name))
     return pids
 
