@@ -192,6 +192,28 @@ def next_order(hand: Path, n: int) -> dict | None:
         time.sleep(POLL_S)
 
 
+def release_engines() -> None:
+    """Free the finished stage's DeepSpeed engine (model, optimizer state, ZeRO buffers) before
+    the next stage builds its own. The stage dropped its references, but ZeRO-3 keeps two
+    module-level ones (DeepSpeed 0.19): its top module stays on `FWD_MODULE_STACK`, and an
+    lru_cache on a method of the parameter coordinator keys on its submodules. Measured here:
+    without this, every stage's engine stayed alive, one more per stage (on a GPU, the previous
+    stage's weights and optimizer state would take memory from the next)."""
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    gc.collect()
+    for engine in [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]:
+        engine.destroy()  # its hooks, optimizer buffers, the parameter-name registry
+    parameter_offload.FWD_MODULE_STACK.clear()  # no forward runs between stages
+    method = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(method, "__closure__", None) or ():  # the lru_cache under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+    gc.collect()
+
+
 def serve(hand: Path) -> int:
     """Run every stage the driver hands over, in order, as `scaling train --config` would under
     a launcher; returns the exit code (non-zero: this stage failed, torchrun ends the rest)."""
@@ -211,7 +233,7 @@ def serve(hand: Path) -> int:
         code = cmd_train(args)
         if code:
             return code
-        gc.collect()  # this stage's engine, model and loader workers, before the next stage builds its own
+        release_engines()
         # The stage's stop-signal handlers are done: while waiting, a signal ends the rank as usual.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
