@@ -233,14 +233,14 @@ def serve(hand: Path) -> int:
         code = cmd_train(args)
         if code:
             return code
-        release_engines()
         # The stage's stop-signal handlers are done: while waiting, a signal ends the rank as usual.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if rank == 0:
+        if rank == 0:  # every rank is through (the stage ends with a barrier): the driver exports meanwhile
             write_atomic(done_file(hand, n), "")
         if stopped_early(out):  # the driver stops the pipeline here; a resume starts anew
             return 0
+        release_engines()
         n += 1
     return 0
 
