@@ -12,19 +12,23 @@ two runs. MLflow: one parent run per
 pipeline, one nested run per stage; the parent ends FINISHED, KILLED or FAILED as the pipeline
 did. A stage that fails ends the pipeline with one sentence naming the stage, the error its
 ranks raised and its log (`<stage>/logs/`, where torchrun keeps every rank's output).
+One torchrun and its ranks run every stage of a run in turn (warm ranks: scaling/pipeline/warm.py).
 While a stage runs, a progress line every 8 s; at the end, a summary table (scaling/pipeline/progress.py).
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scaling.pipeline.lineage import Lineage
 from scaling.pipeline.progress import StageProgress, stage_result, summary_table
 from scaling.pipeline.spec import Pipeline, Stage, load_pipeline, select
 from scaling.pipeline.state import complete_stage, finished, resolve, start_stage
+
+if TYPE_CHECKING:  # imported where used: the ranks run it as a module (`-m`), which must not be imported before
+    from scaling.pipeline.warm import WarmRanks
 
 
 class StageStoppedEarly(RuntimeError):
@@ -37,30 +41,41 @@ class StageFailed(RuntimeError):
 
 def run_pipeline(path: str, overrides: list[str] = (), start: str | None = None, until: str | None = None) -> dict:
     """Run the stages; the parent MLflow run ends FINISHED, KILLED (a stage stopped early,
-    Ctrl-C) or FAILED (a stage failed, anything raised)."""
+    Ctrl-C) or FAILED (a stage failed, anything raised). The ranks start first, once for every
+    stage that runs (scaling/pipeline/warm.py), and import while this process opens MLflow."""
+    from scaling.pipeline.warm import WarmRanks
     from scaling.tracking import probe_store
 
     pipe = load_pipeline(path, overrides)
     todo = select(pipe.stages, start, until)
-    first = pipe.stages[0].config.tracking
-    if first.enabled:
-        probe_store(first.tracking_uri)
-    lineage = Lineage(pipe)
-    try:
-        summary = run_stages(pipe, todo, lineage)
-    except (StageStoppedEarly, KeyboardInterrupt):
-        lineage.close("KILLED")
-        raise
-    except BaseException:
-        lineage.close("FAILED")
-        raise
+    with WarmRanks(pipe.ranks, pipe.output_dir, [s.dir for s in to_run(pipe, todo)]) as ranks:
+        first = pipe.stages[0].config.tracking
+        if first.enabled:
+            probe_store(first.tracking_uri)
+        lineage = Lineage(pipe)
+        try:
+            summary = run_stages(pipe, todo, lineage, ranks)
+        except (StageStoppedEarly, KeyboardInterrupt):
+            lineage.close("KILLED")
+            raise
+        except BaseException:
+            lineage.close("FAILED")
+            raise
     lineage.close("FINISHED")
     return summary
 
 
-def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
-    from scaling.train.run_lock import lock_run_folder, unlock_run_folder
+def to_run(pipe: Pipeline, todo: list[Stage]) -> list[Stage]:
+    """The stages from the first one not finished with its current config and starting weights
+    on (none: every stage is skipped and no rank starts). A stage that starts from an unfinished
+    one is refused here, before any rank starts."""
+    for i, stage in enumerate(todo):
+        if not finished(stage, resolve(pipe, stage, "")[1]):
+            return todo[i:]
+    return []
 
+
+def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage, ranks: WarmRanks) -> dict:
     summary, table = {}, {}
     for stage in todo:
         cfg, fp = resolve(pipe, stage, lineage.parent_id)
@@ -68,29 +83,23 @@ def run_stages(pipe: Pipeline, todo: list[Stage], lineage: Lineage) -> dict:
         seconds = None
         if finished(stage, fp):
             print(f"[pipeline] {stage.name}: finished earlier, weights {stage.export}", flush=True)
-        else:
-            # Locked before anything is written into the folder (a killed earlier run's ranks may
-            # still be saving there), until its export and DONE.json are written.
-            lock_run_folder(stage.dir)
-            try:
-                seconds = run_stage(pipe, stage, cfg, fp, label, lineage)
-            finally:
-                unlock_run_folder(stage.dir)
+        else:  # its folder is locked (WarmRanks) until the ranks are gone
+            seconds = run_stage(pipe, stage, cfg, fp, label, lineage, ranks)
         summary[stage.name] = lineage.record(stage, pipe.previous(stage))
         table[stage.name] = {**stage_result(stage.dir, seconds), "weights": stage.export}
     print("[pipeline] summary:\n" + summary_table(table), flush=True)
     return summary
 
 
-def run_stage(pipe: Pipeline, stage: Stage, cfg, fp: dict, label: str, lineage: Lineage) -> float:
-    """Start (or resume) the stage's ranks, then export and record it; returns its seconds."""
+def run_stage(pipe: Pipeline, stage: Stage, cfg, fp: dict, label: str, lineage: Lineage, ranks: WarmRanks) -> float:
+    """Hand the stage to the ranks (a start or a resume), then export and record it; returns its seconds."""
     from scaling.train.signals import stopped_early
 
     config = start_stage(stage, cfg, fp)
     print(f"[pipeline] stage {label}: running ({cfg.stage}, {pipe.ranks} ranks) in {stage.dir}", flush=True)
     began = time.monotonic()
     with StageProgress(label, stage.dir / "metrics.jsonl"):
-        code = launch_stage(stage, config, pipe.ranks, label)
+        code = ranks.run(stage.dir, config, label)
     seconds = time.monotonic() - began
     if code != 0:
         lineage.fail_stage_run(stage)
@@ -103,32 +112,7 @@ def run_stage(pipe: Pipeline, stage: Stage, cfg, fp: dict, label: str, lineage: 
     return seconds
 
 
-LOGS = "logs"
-TORCHRUN_LOG_ENV = {"PET_LOG_DIR": None, "PET_TEE": "3"}  # torchrun's --log-dir and --tee, read from its environment
-
-
-def launch_stage(stage: Stage, config: Path, ranks: int, label: str = "") -> int:
-    """The stage's ranks on this machine; torchrun also writes every rank's output under
-    <stage>/logs/<run>/attempt_<n>/<local rank>/{stdout,stderr}.log, which a failure names.
-    `label` ("2/3 postpretrain") goes into the ranks' step lines."""
-    from scaling.launch import launch_local
-    from scaling.train.step_metrics import STAGE_ENV
-
-    logs = stage.dir / LOGS
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**{k: v or str(logs) for k, v in TORCHRUN_LOG_ENV.items()}, STAGE_ENV: label}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return launch_local("train", config, ranks)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
+LOGS = "logs"  # <stage>/logs: torchrun's output of every rank, per launch
 ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 
 
@@ -146,7 +130,8 @@ def failure_log(logs: Path) -> tuple[Path | None, str]:
     launches = sorted((d for d in logs.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
     if not launches:
         return None, ""
-    files = sorted(launches[-1].glob("attempt_*/*/stderr.log"))
+    # <launch>/attempt_<n>/<rank>/, or <warm launch link>/<torchrun run>/attempt_<n>/<rank>/
+    files = sorted(launches[-1].glob("attempt_*/*/stderr.log")) or sorted(launches[-1].glob("*/attempt_*/*/stderr.log"))
     for f in files:
         errors = [m.group(1) for line in f.read_text(errors="replace").splitlines() if (m := ERROR_LINE.match(line.strip()))]
         if errors:

@@ -74,10 +74,9 @@ def test_pipeline_killed_mid_stage_resumes_without_redoing_finished_stages(data,
     mar_rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert mar_rows and all(row["loss_rec"] > 0 and "loss_cls" in row for row in mar_rows)
 
-    # Progress: a line per running stage at least every 10 s (a stage starts its ranks for longer
-    # than that here), the stage in the ranks' step lines, and the summary table at the end.
-    for label in ("2/3 postpretrain", "3/3 finetune"):
-        assert re.search(rf"^\[pipeline\] stage {label}: (starting \(\d+ s\)|step \d+/\d+, loss)", rerun.stdout, re.M), label
+    # Progress: the stage in the ranks' step lines, and the summary table at the end (the line
+    # every 8 s while a stage runs: tests/unit/test_pipeline_progress.py; these stages, on warm
+    # ranks, are through in less).
     assert re.search(r"\[scaling\] step \d+/\d+ \(stage 3/3 finetune\) loss .* MFU .* ETA ", rerun.stdout)
     table = rerun.stdout[rerun.stdout.index("[pipeline] summary:"):].splitlines()[1:5]
     assert table[0].split() == ["stage", "steps", "time", "final", "loss", "top-1", "weights"]

@@ -27,7 +27,8 @@ def one_stage_pipeline(tmp: Path) -> Path:
 
 
 def rank_pids(stage_dir: Path) -> list[int]:
-    """The rank processes (not torchrun) started for this stage."""
+    """The rank processes (not torchrun) of the pipeline running this stage (its warm ranks,
+    started once for all its stages, hand-shake under <output_dir>/.warm)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -35,7 +36,8 @@ def rank_pids(stage_dir: Path) -> list[int]:
         except (OSError, ValueError):
             continue
         text = b" ".join(cmd).decode(errors="replace")
-        if proc.name.isdigit() and "scaling.cli train" in text and str(stage_dir) in text and "torch.distributed.run" not in text:
+        if proc.name.isdigit() and "scaling.pipeline.warm" in text and str(stage_dir.parent / ".warm") in text \
+                and "torch.distributed.run" not in text:
             pids.append(int(proc.name))
     return pids
 
@@ -82,3 +84,20 @@ def test_failing_stage_ends_in_one_sentence_with_its_log_and_failed_runs(tmp_pat
     log = Path(last.split("its log is ")[1].split(";")[0])
     assert "Traceback" in log.read_text() and "reduce_bucket_size" in log.read_text()
     assert client.get_run(parent).info.status == "FAILED"
+
+    # 3. Ctrl-C while the stage runs (the ranks were started once for the whole pipeline): the
+    #    ranks save at the end of their step and stop, the pipeline exits 75 and says how to resume.
+    with open(tmp_path / "out3", "w") as so, open(tmp_path / "err3", "w") as se:
+        proc = subprocess.Popen([*SCALING, "pipeline", "run", str(pipe)], env=env, cwd=tmp_path, stdout=so, stderr=se)
+        deadline = time.time() + 300
+        while not (stage / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "err3").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    out = (tmp_path / "out3").read_text()
+    assert rc == 75, (tmp_path / "err3").read_text()[-3000:]
+    stopped = json.loads((stage / "STOPPED").read_text())
+    assert f"stage 'pretrain' stopped early at step {stopped['step']} (stop file)" in out
+    assert (stage / "checkpoints" / "latest").is_file() and not rank_pids(stage)
+    assert client.get_run(json.loads((tmp_path / "pipe" / "pipeline_run.json").read_text())["run_id"]).info.status == "KILLED"
