@@ -16,10 +16,10 @@ Arms:
   zero1, zero2, zero3, auto our engine (`scaling.train.engine`, as `scaling pretrain` builds it) at
                             that ZeRO stage (`auto`: train.zero_stage=auto)
   suffix _compiled          train.compile=true;  suffix _ckpt: activation checkpointing
-  suffix _bcast             ZeRO-1/2 gather the updated partitions after the step by one broadcast
-                            per owner instead of DeepSpeed's all_gather_into_tensor (an experiment:
-                            gloo's all-gather is 3.5x slower than broadcasts of the same bytes,
-                            bench/zero_comm.py); the training code does not do this
+  suffix _dsgather          ZeRO-1/2 gather the updated partitions after the step with DeepSpeed's
+                            all_gather_into_tensor, as before scaling/train/gloo_gather.py (which the
+                            engine installs on gloo: one broadcast per owner, 3.5x faster there,
+                            bench/zero_comm.py)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -95,18 +95,6 @@ def zero_overrides(arm: str) -> dict:
     return {k: json.loads(v) for k, v in pairs}
 
 
-def gather_by_broadcast(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
-                        allgather_bucket_size) -> None:
-    """DeepSpeed's `all_gather_dp_groups` (ZeRO-1/2, after the optimizer step) as one broadcast
-    per owner of each partition: the partitions are views into `groups_flat`."""
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-
-    for partitions, group in zip(partitioned_param_groups, dp_process_group):
-        for owner, partition in enumerate(partitions):
-            ds_dist.broadcast(partition, src=dist.get_global_rank(group, owner), group=group)
-
-
 def engine_arm(cfg, rank: int, world: int, arm: str):
     """Our engine, built as `scaling pretrain` builds it; returns step(step_index) -> PhaseTimer."""
     import torch
@@ -123,16 +111,16 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
 
     ds_config = build_ds_config(cfg, world)
     ds_config["zero_optimization"].update(zero_overrides(arm))
-    if "_bcast" in arm:
-        import deepspeed.runtime.zero.stage_1_and_2 as zero_1_2
-
-        zero_1_2.all_gather_dp_groups = gather_by_broadcast
     ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
     model.set_grad_checkpointing(m.activation_checkpointing)
     engine, _ = initialize(model, cfg, ds_config)
+    if "_dsgather" in arm:
+        from scaling.train import gloo_gather
+
+        gloo_gather.uninstall()
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, _ = make_batches(cfg, rank, world, 0)
