@@ -31,13 +31,18 @@ Each engine step is timed by phase, as the training loop runs it (scaling/train/
 data (next clip batch), inputs (masks + target), forward (+ loss), backward (engine.backward:
 autograd and, for ZeRO-1/2, the gradient reduction it triggers), optimizer (engine.step), rest
 (the loop's per-step loss all-reduce and the divergence check). `comm_s` per phase is the time
-DeepSpeed's comms logger measured in its collectives during that phase. The first `--warmup`
-steps of each launch (compilation, ZeRO-3's trace) are reported apart.
+DeepSpeed's comms logger measured in its collectives during that phase; it sees only the launch
+of ZeRO-3's gathers (issued with async_op=True), so `zero_parts_median_s` adds, per phase, the
+wall time inside the DeepSpeed functions that do ZeRO's communication (`time_zero_internals`).
+`cpu_s` is rank 0's CPU time over the step (all its threads, gloo's included): the work an arm
+does, which other load on a shared machine disturbs far less than wall time. The first
+`--warmup` steps of each launch (compilation, ZeRO-3's trace) are reported apart.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -68,17 +73,62 @@ def run_config(args, arm: str, out_dir: str):
 
 
 class PhaseTimer:
-    """Wall seconds per phase of one step, and the collective time DeepSpeed's comms logger saw in it."""
+    """Wall seconds per phase of one step, the collective time DeepSpeed's comms logger saw in
+    it, and the wall seconds of the ZeRO internals `time_zero_internals` times (PARTS) in it."""
 
     def __init__(self):
-        self.seconds, self.comm = {}, {}
+        self.seconds, self.comm, self.parts = {}, {}, {}
 
     @contextmanager
     def __call__(self, name: str):
-        comm0, t0 = comm_seconds(), time.perf_counter()
+        comm0, parts0, t0 = comm_seconds(), dict(PARTS), time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
         self.comm[name] = self.comm.get(name, 0.0) + comm_seconds() - comm0
+        for part, s in PARTS.items():
+            if s > parts0.get(part, 0.0):
+                self.parts.setdefault(name, {})[part] = s - parts0.get(part, 0.0)
+
+
+# Wall seconds spent so far in the ZeRO internals below, per part. The comms logger cannot see
+# ZeRO-3's gathers (issued with async_op=True, it times only their launch), so the bench times
+# the DeepSpeed functions that issue and wait for them.
+PARTS: dict[str, float] = {}
+
+
+def timed(owner, attr: str, part: str) -> None:
+    """Count the wall seconds of every call of `owner.attr` into PARTS[part]."""
+    fn = getattr(owner, attr)
+
+    @functools.wraps(fn)
+    def timed_call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PARTS[part] = PARTS.get(part, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, attr, timed_call)
+
+
+def time_zero_internals(stage: int) -> None:
+    """ZeRO-3: param_fetch (gather the weights a module needs, wait for them, launch the
+    prefetch of the next ones), param_release (free them after the module), grad_reduce (the
+    bucketed reduce-scatter of gradients). ZeRO-1/2: grad_reduce (the bucket reduction) and
+    param_gather (the gather of the updated partitions after the optimizer step)."""
+    if stage == 3:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        timed(PartitionedParameterCoordinator, "fetch_sub_module", "param_fetch")
+        timed(PartitionedParameterCoordinator, "release_sub_module", "param_release")
+        timed(DeepSpeedZeroOptimizer_Stage3, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+              "grad_reduce")
+    else:
+        import deepspeed.runtime.zero.stage_1_and_2 as zero_1_2
+
+        timed(zero_1_2.DeepSpeedZeroOptimizer, "reduce_ipg_grads", "grad_reduce")
+        timed(zero_1_2, "all_gather_dp_groups", "param_gather")
 
 
 def comm_seconds() -> float:
@@ -121,6 +171,7 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
         from scaling.train import gloo_gather
 
         gloo_gather.uninstall()
+    time_zero_internals(ds_config["zero_optimization"]["stage"])
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, _ = make_batches(cfg, rank, world, 0)
@@ -223,10 +274,10 @@ def worker(args) -> None:
         for i in range(args.warmup + args.steps):
             last = i == args.warmup + args.steps - 1
             with torch.profiler.profile() if args.profile and last else contextlib.nullcontext() as prof:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 T = step(i)
-                step_s = time.perf_counter() - t0
-            records.append({"step_s": step_s, "phases": T.seconds, "comm_s": T.comm, "loss": T.loss,
+                step_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+            records.append({"step_s": step_s, "cpu_s": cpu_s, "phases": T.seconds, "comm_s": T.comm, "parts_s": T.parts, "loss": T.loss,
                             "warmup": i < args.warmup, "profiled": bool(args.profile and last)})
             if prof is not None:
                 busiest = busiest_ops(prof)
@@ -273,9 +324,13 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         median = statistics.median(r["step_s"] for r in steps)
         phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in steps) for p in PHASES}
         comm = {p: statistics.median(r["comm_s"].get(p, 0.0) for r in steps) for p in PHASES}
+        parts = {p: {k: statistics.median(r.get("parts_s", {}).get(p, {}).get(k, 0.0) for r in steps)
+                     for k in {k for r in steps for k in r.get("parts_s", {}).get(p, {})}} for p in PHASES}
         model = phases["forward"] + phases["backward"] - comm["backward"]
         out[arm] = {"median_step_s": median, "min_step_s": min(r["step_s"] for r in steps),
+                    "median_cpu_s": statistics.median(r.get("cpu_s", 0.0) for r in steps),
                     "steps_s": [r["step_s"] for r in steps], "phases_median_s": phases, "comm_median_s": comm,
+                    "zero_parts_median_s": {p: v for p, v in parts.items() if v},
                     "outside_fwd_bwd_share": 1 - model / median,
                     "warmup_s": [r["step_s"] for launch_ in launches for r in launch_["records"] if r["warmup"]],
                     "build_s": [launch_["build_s"] for launch_ in launches], "loss_first": steps[0]["loss"],
@@ -284,17 +339,25 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         base = "ddp_compiled" if "_compiled" in arm else "ddp"
         if not arm.startswith("ddp") and base in out:
             s["over_ddp"] = s["median_step_s"] / out[base]["median_step_s"]
+            s["over_ddp_cpu"] = s["median_cpu_s"] / max(out[base]["median_cpu_s"], 1e-9)
+            s["over_ddp_by_round"] = [statistics.median(r["step_s"] for r in a["records"] if not r["warmup"])
+                                      / statistics.median(r["step_s"] for r in b["records"] if not r["warmup"])
+                                      for a, b in zip(runs[arm], runs[base])]
     return out
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'arm':<44}{'step s':>8}{'min s':>8}" + "".join(f"{p:>10}" for p in PHASES)
+    lines = [f"{'arm':<44}{'step s':>8}{'min s':>8}{'cpu s':>8}" + "".join(f"{p:>10}" for p in PHASES)
              + f"{'comm s':>8}{'outside':>9}{'/ddp':>7}"]
     for arm, s in summary.items():
-        lines.append(f"{arm:<44}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}"
+        lines.append(f"{arm:<44}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}{s['median_cpu_s']:8.2f}"
                      + "".join(f"{s['phases_median_s'][p]:10.2f}" for p in PHASES)
                      + f"{sum(s['comm_median_s'].values()):8.2f}{s['outside_fwd_bwd_share']:9.0%}"
                      + (f"{s['over_ddp']:7.2f}" if "over_ddp" in s else f"{'-':>7}"))
+    for arm, s in summary.items():  # the timed ZeRO internals, per phase
+        if s.get("zero_parts_median_s"):
+            lines.append(f"{arm}: " + "; ".join(f"{phase} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
+                                              for phase, parts in s["zero_parts_median_s"].items()))
     return "\n".join(lines)
 
 
