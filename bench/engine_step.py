@@ -281,8 +281,11 @@ def worker(args) -> None:
                             "warmup": i < args.warmup, "profiled": bool(args.profile and last)})
             if prof is not None:
                 busiest = busiest_ops(prof)
+    cpu_per_rank = [None] * world  # the other ranks' CPU seconds per step: which rank waits for which
+    torch.distributed.all_gather_object(cpu_per_rank, [r["cpu_s"] for r in records])
     if rank == 0:
         Path(args.result).write_text(json.dumps({"arm": args.arm, "build_s": build_s, "threads": torch.get_num_threads(),
+                                                 "cpu_s_per_rank": cpu_per_rank,
                                                  "load_avg": os.getloadavg(), "records": records,
                                                  "busiest_ops": busiest}))
 
