@@ -16,10 +16,10 @@ Arms:
   zero1, zero2, zero3, auto our engine (`scaling.train.engine`, as `scaling pretrain` builds it) at
                             that ZeRO stage (`auto`: train.zero_stage=auto)
   suffix _compiled          train.compile=true;  suffix _ckpt: activation checkpointing
-  suffix _bcast             ZeRO-1/2 gather the updated partitions after the step by one broadcast
-                            per owner instead of DeepSpeed's all_gather_into_tensor (an experiment:
-                            gloo's all-gather is 3.5x slower than broadcasts of the same bytes,
-                            bench/zero_comm.py); the training code does not do this
+  suffix _dsgather          ZeRO-1/2 gather the updated partitions after the step with DeepSpeed's
+                            all_gather_into_tensor, as before scaling/train/gloo_gather.py (which the
+                            engine installs on gloo: one broadcast per owner, 3.5x faster there,
+                            bench/zero_comm.py)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -31,13 +31,18 @@ Each engine step is timed by phase, as the training loop runs it (scaling/train/
 data (next clip batch), inputs (masks + target), forward (+ loss), backward (engine.backward:
 autograd and, for ZeRO-1/2, the gradient reduction it triggers), optimizer (engine.step), rest
 (the loop's per-step loss all-reduce and the divergence check). `comm_s` per phase is the time
-DeepSpeed's comms logger measured in its collectives during that phase. The first `--warmup`
-steps of each launch (compilation, ZeRO-3's trace) are reported apart.
+DeepSpeed's comms logger measured in its collectives during that phase; it sees only the launch
+of ZeRO-3's gathers (issued with async_op=True), so `zero_parts_median_s` adds, per phase, the
+wall time inside the DeepSpeed functions that do ZeRO's communication (`time_zero_internals`).
+`cpu_s` is rank 0's CPU time over the step (all its threads, gloo's included): the work an arm
+does, which other load on a shared machine disturbs far less than wall time. The first
+`--warmup` steps of each launch (compilation, ZeRO-3's trace) are reported apart.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -68,17 +73,62 @@ def run_config(args, arm: str, out_dir: str):
 
 
 class PhaseTimer:
-    """Wall seconds per phase of one step, and the collective time DeepSpeed's comms logger saw in it."""
+    """Wall seconds per phase of one step, the collective time DeepSpeed's comms logger saw in
+    it, and the wall seconds of the ZeRO internals `time_zero_internals` times (PARTS) in it."""
 
     def __init__(self):
-        self.seconds, self.comm = {}, {}
+        self.seconds, self.comm, self.parts = {}, {}, {}
 
     @contextmanager
     def __call__(self, name: str):
-        comm0, t0 = comm_seconds(), time.perf_counter()
+        comm0, parts0, t0 = comm_seconds(), dict(PARTS), time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
         self.comm[name] = self.comm.get(name, 0.0) + comm_seconds() - comm0
+        for part, s in PARTS.items():
+            if s > parts0.get(part, 0.0):
+                self.parts.setdefault(name, {})[part] = s - parts0.get(part, 0.0)
+
+
+# Wall seconds spent so far in the ZeRO internals below, per part. The comms logger cannot see
+# ZeRO-3's gathers (issued with async_op=True, it times only their launch), so the bench times
+# the DeepSpeed functions that issue and wait for them.
+PARTS: dict[str, float] = {}
+
+
+def timed(owner, attr: str, part: str) -> None:
+    """Count the wall seconds of every call of `owner.attr` into PARTS[part]."""
+    fn = getattr(owner, attr)
+
+    @functools.wraps(fn)
+    def timed_call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PARTS[part] = PARTS.get(part, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, attr, timed_call)
+
+
+def time_zero_internals(stage: int) -> None:
+    """ZeRO-3: param_fetch (gather the weights a module needs, wait for them, launch the
+    prefetch of the next ones), param_release (free them after the module), grad_reduce (the
+    bucketed reduce-scatter of gradients). ZeRO-1/2: grad_reduce (the bucket reduction) and
+    param_gather (the gather of the updated partitions after the optimizer step)."""
+    if stage == 3:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        timed(PartitionedParameterCoordinator, "fetch_sub_module", "param_fetch")
+        timed(PartitionedParameterCoordinator, "release_sub_module", "param_release")
+        timed(DeepSpeedZeroOptimizer_Stage3, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+              "grad_reduce")
+    else:
+        import deepspeed.runtime.zero.stage_1_and_2 as zero_1_2
+
+        timed(zero_1_2.DeepSpeedZeroOptimizer, "reduce_ipg_grads", "grad_reduce")
+        timed(zero_1_2, "all_gather_dp_groups", "param_gather")
 
 
 def comm_seconds() -> float:
@@ -93,18 +143,6 @@ def zero_overrides(arm: str) -> dict:
     """`zero1:overlap_comm=false:reduce_bucket_size=2e8` -> {"overlap_comm": False, "reduce_bucket_size": 2e8}."""
     pairs = (kv.split("=", 1) for kv in arm.split(":")[1:])
     return {k: json.loads(v) for k, v in pairs}
-
-
-def gather_by_broadcast(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
-                        allgather_bucket_size) -> None:
-    """DeepSpeed's `all_gather_dp_groups` (ZeRO-1/2, after the optimizer step) as one broadcast
-    per owner of each partition: the partitions are views into `groups_flat`."""
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-
-    for partitions, group in zip(partitioned_param_groups, dp_process_group):
-        for owner, partition in enumerate(partitions):
-            ds_dist.broadcast(partition, src=dist.get_global_rank(group, owner), group=group)
 
 
 def engine_arm(cfg, rank: int, world: int, arm: str):
@@ -123,16 +161,17 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
 
     ds_config = build_ds_config(cfg, world)
     ds_config["zero_optimization"].update(zero_overrides(arm))
-    if "_bcast" in arm:
-        import deepspeed.runtime.zero.stage_1_and_2 as zero_1_2
-
-        zero_1_2.all_gather_dp_groups = gather_by_broadcast
     ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size, m.drop_path), ds_config)
     model.set_grad_checkpointing(m.activation_checkpointing)
     engine, _ = initialize(model, cfg, ds_config)
+    if "_dsgather" in arm:
+        from scaling.train import gloo_gather
+
+        gloo_gather.uninstall()
+    time_zero_internals(ds_config["zero_optimization"]["stage"])
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, _ = make_batches(cfg, rank, world, 0)
@@ -235,15 +274,18 @@ def worker(args) -> None:
         for i in range(args.warmup + args.steps):
             last = i == args.warmup + args.steps - 1
             with torch.profiler.profile() if args.profile and last else contextlib.nullcontext() as prof:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 T = step(i)
-                step_s = time.perf_counter() - t0
-            records.append({"step_s": step_s, "phases": T.seconds, "comm_s": T.comm, "loss": T.loss,
+                step_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+            records.append({"step_s": step_s, "cpu_s": cpu_s, "phases": T.seconds, "comm_s": T.comm, "parts_s": T.parts, "loss": T.loss,
                             "warmup": i < args.warmup, "profiled": bool(args.profile and last)})
             if prof is not None:
                 busiest = busiest_ops(prof)
+    cpu_per_rank = [None] * world  # the other ranks' CPU seconds per step: which rank waits for which
+    torch.distributed.all_gather_object(cpu_per_rank, [r["cpu_s"] for r in records])
     if rank == 0:
         Path(args.result).write_text(json.dumps({"arm": args.arm, "build_s": build_s, "threads": torch.get_num_threads(),
+                                                 "cpu_s_per_rank": cpu_per_rank,
                                                  "load_avg": os.getloadavg(), "records": records,
                                                  "busiest_ops": busiest}))
 
@@ -285,9 +327,13 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         median = statistics.median(r["step_s"] for r in steps)
         phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in steps) for p in PHASES}
         comm = {p: statistics.median(r["comm_s"].get(p, 0.0) for r in steps) for p in PHASES}
+        parts = {p: {k: statistics.median(r.get("parts_s", {}).get(p, {}).get(k, 0.0) for r in steps)
+                     for k in {k for r in steps for k in r.get("parts_s", {}).get(p, {})}} for p in PHASES}
         model = phases["forward"] + phases["backward"] - comm["backward"]
         out[arm] = {"median_step_s": median, "min_step_s": min(r["step_s"] for r in steps),
+                    "median_cpu_s": statistics.median(r.get("cpu_s", 0.0) for r in steps),
                     "steps_s": [r["step_s"] for r in steps], "phases_median_s": phases, "comm_median_s": comm,
+                    "zero_parts_median_s": {p: v for p, v in parts.items() if v},
                     "outside_fwd_bwd_share": 1 - model / median,
                     "warmup_s": [r["step_s"] for launch_ in launches for r in launch_["records"] if r["warmup"]],
                     "build_s": [launch_["build_s"] for launch_ in launches], "loss_first": steps[0]["loss"],
@@ -296,17 +342,25 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         base = "ddp_compiled" if "_compiled" in arm else "ddp"
         if not arm.startswith("ddp") and base in out:
             s["over_ddp"] = s["median_step_s"] / out[base]["median_step_s"]
+            s["over_ddp_cpu"] = s["median_cpu_s"] / max(out[base]["median_cpu_s"], 1e-9)
+            s["over_ddp_by_round"] = [statistics.median(r["step_s"] for r in a["records"] if not r["warmup"])
+                                      / statistics.median(r["step_s"] for r in b["records"] if not r["warmup"])
+                                      for a, b in zip(runs[arm], runs[base])]
     return out
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'arm':<44}{'step s':>8}{'min s':>8}" + "".join(f"{p:>10}" for p in PHASES)
+    lines = [f"{'arm':<44}{'step s':>8}{'min s':>8}{'cpu s':>8}" + "".join(f"{p:>10}" for p in PHASES)
              + f"{'comm s':>8}{'outside':>9}{'/ddp':>7}"]
     for arm, s in summary.items():
-        lines.append(f"{arm:<44}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}"
+        lines.append(f"{arm:<44}{s['median_step_s']:8.2f}{s['min_step_s']:8.2f}{s['median_cpu_s']:8.2f}"
                      + "".join(f"{s['phases_median_s'][p]:10.2f}" for p in PHASES)
                      + f"{sum(s['comm_median_s'].values()):8.2f}{s['outside_fwd_bwd_share']:9.0%}"
                      + (f"{s['over_ddp']:7.2f}" if "over_ddp" in s else f"{'-':>7}"))
+    for arm, s in summary.items():  # the timed ZeRO internals, per phase
+        if s.get("zero_parts_median_s"):
+            lines.append(f"{arm}: " + "; ".join(f"{phase} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
+                                              for phase, parts in s["zero_parts_median_s"].items()))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
+from scaling.train import gloo_gather
 from scaling.train.offload_optimizer import build_optimizer, with_offload_adam
 
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
@@ -102,6 +103,7 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
         lr_scheduler=lambda opt: warmup_cosine(opt, lr, min_lr(cfg), warmup_lr(cfg), warmup, total),
         config=ds_config,
     )
+    gloo_gather.install_for(engine)
     compile_engine(engine, cfg)
     return engine, scheduler
 
