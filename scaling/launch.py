@@ -65,19 +65,35 @@ def launch_local(command: str, resolved_config: Path, ranks: int, out_dir: Path 
             unlock_run_folder(out)
 
 
-def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
+def clear_run_reports(out: Path) -> None:
+    """Remove STOP, STOPPED and FAILED from `out`: answered or reported by the previous run."""
     from scaling.train.checkpoint import FAILED_FILE
-    from scaling.train.signals import CLEARED_ENV, EXIT_INTERRUPTED, STOP_FILE, STOPPED_FILE
+    from scaling.train.signals import STOP_FILE, STOPPED_FILE
 
-    for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
+    for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):
         (out / name).unlink(missing_ok=True)
-    cmd = [*torchrun_command(ranks), "-m", "scaling.cli", command, "--config", str(resolved_config)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
-               **env_for_ranks(out), **{CLEARED_ENV: "1"})
+
+
+def start_torchrun(ranks: int, program: list[str], env: dict, fds: tuple[int, ...]) -> subprocess.Popen:
+    """torchrun with `ranks` local ranks running `program` (after `python`), in a session of its
+    own (a Ctrl-C reaches only this process), ended by the kernel should this process die, and
+    holding the run-folder lock descriptors `fds` (the lock lasts until its ranks have exited)."""
+    from scaling.train.signals import CLEARED_ENV
+
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, **env, **{CLEARED_ENV: "1"})  # STOP files are cleared here
+    return subprocess.Popen([*torchrun_command(ranks), *program], env=env, start_new_session=True,
+                            preexec_fn=_end_with_parent, pass_fds=fds)
+
+
+def _launch(command: str, resolved_config: Path, ranks: int, out: Path) -> int:
+    from scaling.train.signals import EXIT_INTERRUPTED, STOP_FILE
+
+    clear_run_reports(out)
     # torchrun shares the folder's lock (pass_fds): should this process be killed, the lock lasts
     # until torchrun and its ranks have saved and exited, and no re-run starts beside them.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent,
-                            pass_fds=descriptor_for_launch(out))
+    proc = start_torchrun(ranks, ["-m", "scaling.cli", command, "--config", str(resolved_config)], env_for_ranks(out),
+                          descriptor_for_launch(out))
     note_launched(out, proc.pid)
     signals = []
 

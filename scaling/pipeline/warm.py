@@ -87,9 +87,8 @@ class WarmRanks:
                 unlock_run_folder(d)
 
     def _start(self) -> None:
-        from scaling.launch import _end_with_parent, torchrun_command
+        from scaling.launch import start_torchrun
         from scaling.train.run_lock import descriptor_for_launch, lock_run_folder, note_launched
-        from scaling.train.signals import CLEARED_ENV
 
         for d in self.dirs:  # before anything is written into them (a killed run's ranks may still save there)
             lock_run_folder(d)
@@ -98,12 +97,10 @@ class WarmRanks:
         self.hand = Path(tempfile.mkdtemp(prefix="ranks-", dir=warm))
         self.logs = self.output_dir / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.logs.mkdir(parents=True, exist_ok=True)
-        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.ranks)))
-        # torchrun's --log-dir and --tee from its environment; STOP files are cleared here, per stage.
-        env = dict(os.environ, OMP_NUM_THREADS=threads, PET_LOG_DIR=str(self.logs), PET_TEE="3", **{CLEARED_ENV: "1"})
-        cmd = [*torchrun_command(self.ranks), "-m", "scaling.pipeline.warm", str(self.hand)]
+        # torchrun's --log-dir and --tee from its environment; STOP files are cleared in `run`, per stage.
         fds = tuple(fd for d in self.dirs for fd in descriptor_for_launch(d))
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent, pass_fds=fds)
+        self.proc = start_torchrun(self.ranks, ["-m", "scaling.pipeline.warm", str(self.hand)],
+                                   {"PET_LOG_DIR": str(self.logs), "PET_TEE": "3"}, fds)
         for d in self.dirs:
             note_launched(d, self.proc.pid)
         self.before = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -111,15 +108,14 @@ class WarmRanks:
     def run(self, out: Path, config: Path, label: str) -> int:
         """Hand the ranks one stage (its resolved config in `out`); returns when every rank is
         through it: 0, or the exit code of torchrun when a rank failed (130: a second signal)."""
-        from scaling.train.checkpoint import FAILED_FILE
+        from scaling.launch import clear_run_reports
         from scaling.train.run_lock import lock_run_folder
-        from scaling.train.signals import EXIT_INTERRUPTED, STOP_FILE, STOPPED_FILE
+        from scaling.train.signals import EXIT_INTERRUPTED
 
         if self.signals:  # a signal between stages: start no other
             raise KeyboardInterrupt
         lock_run_folder(out)  # held already, unless the folder was just set aside and made anew
-        for name in (STOP_FILE, STOPPED_FILE, FAILED_FILE):  # answered or reported by the previous run
-            (out / name).unlink(missing_ok=True)
+        clear_run_reports(out)
         self._link_logs(out)
         n, self.count = self.count, self.count + 1
         self.current = out

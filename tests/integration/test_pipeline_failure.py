@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -42,6 +43,19 @@ def rank_pids(stage_dir: Path) -> list[int]:
     return pids
 
 
+@contextmanager
+def running_first_step(pipe: Path, stage: Path, env: dict, tmp_path: Path, tag: str):
+    """`scaling pipeline run` started, once the stage has logged its first step (output in
+    out<tag> and err<tag>)."""
+    with open(tmp_path / f"out{tag}", "w") as so, open(tmp_path / f"err{tag}", "w") as se:
+        proc = subprocess.Popen([*SCALING, "pipeline", "run", str(pipe)], env=env, cwd=tmp_path, stdout=so, stderr=se)
+        deadline = time.time() + 300
+        while not (stage / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / f"err{tag}").read_text()[-3000:]
+        yield proc
+
+
 def test_failing_stage_ends_in_one_sentence_with_its_log_and_failed_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -49,12 +63,7 @@ def test_failing_stage_ends_in_one_sentence_with_its_log_and_failed_runs(tmp_pat
     stage = tmp_path / "pipe" / "pretrain"
 
     # 1. The rank dies hard mid-run (kill -9: out of memory, a node lost): it cannot close its run.
-    with open(tmp_path / "out1", "w") as so, open(tmp_path / "err1", "w") as se:
-        proc = subprocess.Popen([*SCALING, "pipeline", "run", str(pipe)], env=env, cwd=tmp_path, stdout=so, stderr=se)
-        deadline = time.time() + 300
-        while not (stage / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp_path / "err1").read_text()[-3000:]
+    with running_first_step(pipe, stage, env, tmp_path, "1") as proc:
         for pid in rank_pids(stage):
             os.kill(pid, signal.SIGKILL)
         rc = proc.wait(timeout=120)
@@ -87,12 +96,7 @@ def test_failing_stage_ends_in_one_sentence_with_its_log_and_failed_runs(tmp_pat
 
     # 3. Ctrl-C while the stage runs (the ranks were started once for the whole pipeline): the
     #    ranks save at the end of their step and stop, the pipeline exits 75 and says how to resume.
-    with open(tmp_path / "out3", "w") as so, open(tmp_path / "err3", "w") as se:
-        proc = subprocess.Popen([*SCALING, "pipeline", "run", str(pipe)], env=env, cwd=tmp_path, stdout=so, stderr=se)
-        deadline = time.time() + 300
-        while not (stage / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp_path / "err3").read_text()[-3000:]
+    with running_first_step(pipe, stage, env, tmp_path, "3") as proc:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=120)
     out = (tmp_path / "out3").read_text()
