@@ -83,11 +83,11 @@ class Sampler(threading.Thread):
                 os.killpg(self.proc.pid, signal.SIGTERM)
 
 
-def planner_prediction(model: str, ds_config: str) -> dict:
+def planner_prediction(model: str, ds_config: str, precision: str = "bf16") -> dict:
     """What `scaling memory plan --device cpu` predicts for this run, per rank."""
     from scaling.memory.plan import PlanSpec, peak, plan
 
-    spec = PlanSpec(model=model, masking="dual", checkpointing=True, precision="bf16", zero_stage=3,
+    spec = PlanSpec(model=model, masking="dual", checkpointing=True, precision=precision, zero_stage=3,
                     offload_optimizer="nvme", gpus_per_node=2, nodes=1, gpu_memory_gb=12, reserve_gb=0,
                     device="cpu", ds_config=ds_config)
     result = plan(spec)
