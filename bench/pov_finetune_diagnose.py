@@ -32,6 +32,10 @@ last evaluation shown):
     pre600   linear    3e-3     0.5          0.1        384*   34.4               25.8
     pre600   bridging  3e-3     0.5          0.1        192*   29.2               27.3
     pre600   linear    3e-3     0.01         0          320    35.5               25.0
+    pre600   bridging  3e-3     0.75         0          320    29.0               28.1   (2 threads, load ~3)
+    pre600   bridging  3e-3     0.5          0          320    28.8               26.2   (2 threads)
+    pre600   bridging  3e-3     0.3          0          320    70.8               69.9   (2 threads)
+    pre600   bridging  3e-3     0.1          0          320    62.2               57.4   (2 threads)
     pre600   bridging  3e-3     0.01         0          320    62.5               55.5
     scratch  bridging  3e-3     0.01         0          320    28.5               27.3
 
@@ -44,7 +48,9 @@ last evaluation shown):
   pre-trained encoder loses its motion cues (as pre-training at 1e-3 erases them, see
   bench/pov_diagnose.py) before the head learns to read them. Kept nearly frozen (decay 0.01)
   the pre-trained encoder fine-tunes to 55.5 % in 320 steps and still climbs, random weights
-  stay at chance: the gain is the encoder's.
+  stay at chance: the gain is the encoder's. Decay 0.3 does best (69.9 %): it is 0.75 matched to
+  depth, the decay that gives the patch embedding of 2 blocks ViT-B's 0.024 x the peak
+  (0.3^3 = 0.027); 0.5 and 0.75 stay at chance.
 - The head matters as much: on the same kept encoder the mean-pool linear head stays at
   chance (25.0 %), as the linear probe on mean-pooled tokens does (bench/pov_diagnose.py:
   the motion cue sits in a few tokens and averages out over the 128); MAR's bridging head
