@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--attentive-epochs", type=int, default=20)
     p.add_argument("--probe-embed", action="store_true", help="also probe the embedded tokens (before the blocks)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save", type=Path, default=None, help="save the pre-training model's state dict here")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -276,6 +277,8 @@ def main() -> None:
             result["losses"].append((step, round(loss.item(), 4)))
             print(f"step {step} loss {loss.item():.4f} ({train_time:.0f}s)", flush=True)
     result["total_s"] = round(time.time() - t0, 1)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     tag = args.tag or (f"w{args.width}d{args.depth}" if args.width else args.size)
     out = REPO / "bench" / "results" / f"pov_diagnose_{tag}.json"
     out.write_text(json.dumps(result, indent=1, default=str))
