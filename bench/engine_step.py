@@ -20,6 +20,9 @@ Arms:
                             all_gather_into_tensor, as before scaling/train/gloo_gather.py (which the
                             engine installs on gloo: one broadcast per owner, 3.5x faster there,
                             bench/zero_comm.py)
+  suffix _glooreduce        DeepSpeed's all-reduces (ZeRO-1/2's gradient reduction) through gloo,
+                            as before scaling/train/shm_allreduce.py (which the engine installs when
+                            all ranks are on one CPU node: DeepSpeed's shared-memory all-reduce)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -171,6 +174,10 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
         from scaling.train import gloo_gather
 
         gloo_gather.uninstall()
+    if "_glooreduce" in arm:
+        from scaling.train import shm_allreduce
+
+        shm_allreduce.uninstall()
     time_zero_internals(ds_config["zero_optimization"]["stage"])
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
