@@ -23,6 +23,9 @@ Arms:
   suffix _glooreduce        DeepSpeed's all-reduces (ZeRO-1/2's gradient reduction) through gloo,
                             as before scaling/train/shm_allreduce.py (which the engine installs when
                             all ranks are on one CPU node: DeepSpeed's shared-memory all-reduce)
+  suffix _nooverlap         ZeRO-1/2 reduce each gradient bucket inside backward, as DeepSpeed does on
+                            CPU, instead of asynchronously while backward goes on
+                            (scaling/train/overlap_reduce.py, which the engine installs on gloo)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -178,6 +181,10 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
         from scaling.train import shm_allreduce
 
         shm_allreduce.uninstall()
+    if "_nooverlap" in arm:
+        from scaling.train import overlap_reduce
+
+        overlap_reduce.uninstall(engine)
     time_zero_internals(ds_config["zero_optimization"]["stage"])
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample

@@ -71,7 +71,12 @@ def backend_problem(backend) -> str | None:
         return "this CPU lacks AVX2, which the kernel's fp32 sum needs"
     if not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
         return "torch.ops.deepspeed.inference_all_reduce_ is not registered"
-    params = tuple(inspect.signature(undecorated(type(backend).all_reduce, "all_reduce")).parameters)
+    return signature_problem(type(backend))
+
+
+def signature_problem(backend_type) -> str | None:
+    """Why `backend_type.all_reduce` is not the one this stands in for (None: it is)."""
+    params = tuple(inspect.signature(undecorated(backend_type.all_reduce, "all_reduce")).parameters)
     if params != PARAMETERS:
         return f"DeepSpeed's all_reduce takes {params}, not {PARAMETERS}"
     return None

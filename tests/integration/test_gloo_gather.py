@@ -1,11 +1,11 @@
 """ZeRO-1/2 on gloo gather the updated parameters by one broadcast per owner
 (scaling/train/gloo_gather.py) instead of DeepSpeed's all_gather_into_tensor, and reduce the
-gradients through DeepSpeed's shared-memory all-reduce (scaling/train/shm_allreduce.py) instead
-of gloo's: the same bytes.
+gradients asynchronously while backward goes on (scaling/train/overlap_reduce.py), the other
+all-reduces through DeepSpeed's shared-memory kernel (scaling/train/shm_allreduce.py): the same bytes.
 
 One 2-rank torchrun launch of this file builds, for ZeRO-1 fp32, ZeRO-2 fp32 and ZeRO-1 bf16
 (DeepSpeed's BF16_Optimizer, the other caller), an engine as `scaling pretrain` builds it (which
-installs both) and one with DeepSpeed's own gather and gloo's all-reduce, from the same weights,
+installs all three) and one with DeepSpeed's own gather and reduction, from the same weights,
 and takes one step on the same clips with each; the parameters after the step must be equal bit
 for bit on each rank, and equal across ranks (the partition a rank does not own came from the other)."""
 import json
@@ -22,20 +22,24 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().float() for p in module.parameters()])
 
 
-def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, int]:
+def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, int, bool]:
     """All parameters of the module after one step, flattened; the gather the engine's ZeRO
-    optimizer calls; how far the step moved the parameters; the all-reduces done in shared memory."""
+    optimizer calls; how far the step moved the parameters; the all-reduces done in shared
+    memory; whether backward overlapped the gradient reduction."""
     from scaling.config import load_config
     from scaling.masking import make_masks
     from scaling.models.pretrain import build_pretrain_model
     from scaling.precision import input_dtype
-    from scaling.train import gloo_gather, shm_allreduce
+    from scaling.train import gloo_gather, overlap_reduce, shm_allreduce
     from scaling.train.engine import build_ds_config, build_model, initialize
 
     cfg = load_config(SMOKE, ["data.source=noise", "train.global_batch=4", "optim.warmup_steps=0",
                               f"train.precision={precision}", f"train.zero_stage={stage}",
                               "model.activation_checkpointing=false"])
     ds = build_ds_config(cfg, 2)
+    # Several buckets (the smoke model has 227 k parameters, the largest 98 k): the overlapped
+    # reduction refills each of DeepSpeed's two bucket buffers, and takes the oversized-parameter path.
+    ds["zero_optimization"]["reduce_bucket_size"] = 40_000
     torch.manual_seed(0)
     m, k = cfg.model, cfg.mask
     model = build_model(lambda: build_pretrain_model(m.name, m.num_frames, m.input_size), ds)
@@ -43,6 +47,8 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     if deepspeed_own:
         gloo_gather.uninstall()
         shm_allreduce.uninstall()
+        overlap_reduce.uninstall(engine)
+    overlapped = "average_tensor" in vars(engine.optimizer)
     gather = sys.modules[type(engine.optimizer).__module__].all_gather_dp_groups.__qualname__
     before, shm_before = flat(engine.module), shm_allreduce.calls["shm"]
     rank = torch.distributed.get_rank()
@@ -52,7 +58,7 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     engine.backward(engine(video.to(input_dtype(precision)), enc, dec).float().pow(2).mean())
     engine.step()
     after = flat(engine.module)
-    return after, gather, float((after - before).abs().max()), shm_allreduce.calls["shm"] - shm_before
+    return after, gather, float((after - before).abs().max()), shm_allreduce.calls["shm"] - shm_before, overlapped
 
 
 def compare() -> None:
@@ -61,12 +67,13 @@ def compare() -> None:
     rank, world = init_ranks()
     verdict = {}
     for stage, precision in CASES:
-        ours, ours_gather, moved, ours_shm = params_after_one_step(stage, precision, deepspeed_own=False)
-        theirs, their_gather, _, their_shm = params_after_one_step(stage, precision, deepspeed_own=True)
+        ours, ours_gather, moved, ours_shm, ours_overlapped = params_after_one_step(stage, precision, deepspeed_own=False)
+        theirs, their_gather, _, their_shm, their_overlapped = params_after_one_step(stage, precision, deepspeed_own=True)
         both = [torch.empty_like(ours) for _ in range(world)]
         torch.distributed.all_gather(both, ours)
         verdict[f"zero{stage}_{precision}"] = {
-            "gathers": [ours_gather, their_gather], "shm_all_reduces": [ours_shm, their_shm], "bitwise_equal": torch.equal(ours, theirs),
+            "gathers": [ours_gather, their_gather], "shm_all_reduces": [ours_shm, their_shm],
+            "overlapped": [ours_overlapped, their_overlapped], "bitwise_equal": torch.equal(ours, theirs),
             "ranks_agree": torch.equal(*both), "moved": moved}
     if rank == 0:
         print(json.dumps(verdict))
