@@ -68,9 +68,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from scaling.train.shm_allreduce import announce_local_ranks
-
-    announce_local_ranks()  # DeepSpeed maps its shared-memory all-reduce buffers only when told
+    # DeepSpeed maps its shared-memory all-reduce buffers only when LOCAL_SIZE (its launcher's
+    # name for torchrun's LOCAL_WORLD_SIZE) says that every rank is on this node.
+    os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     deepspeed.init_distributed("gloo")
     world = dist.get_world_size()
     part = int(args.params) // world

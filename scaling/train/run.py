@@ -14,7 +14,7 @@ import torch.distributed as dist
 from scaling.config import RunConfig, save_config, to_dict
 from scaling.precision import agree_on_precision
 from scaling.tracking import flatten, make_tracker
-from scaling.train import checkpoint, shm_allreduce
+from scaling.train import checkpoint
 from scaling.train.engine import build_ds_config
 from scaling.train.guard import Diverged, DivergenceGuard
 from scaling.train.schedule import resync_lr
@@ -24,7 +24,6 @@ from scaling.train.signals import StopRequest
 def init_ranks() -> tuple[int, int]:
     # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
-    shm_allreduce.announce_local_ranks()  # before DeepSpeed's backend starts: it maps the buffers then
     deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()
 

@@ -1,11 +1,11 @@
 """ZeRO-1/2 on gloo gather the updated parameters by one broadcast per owner
 (scaling/train/gloo_gather.py) instead of DeepSpeed's all_gather_into_tensor, and reduce the
-gradients asynchronously while backward goes on (scaling/train/overlap_reduce.py), the other
-all-reduces through DeepSpeed's shared-memory kernel (scaling/train/shm_allreduce.py): the same bytes.
+gradients asynchronously while backward goes on (scaling/train/overlap_reduce.py) instead of
+inside it: the same bytes.
 
 One 2-rank torchrun launch of this file builds, for ZeRO-1 fp32, ZeRO-2 fp32 and ZeRO-1 bf16
 (DeepSpeed's BF16_Optimizer, the other caller), an engine as `scaling pretrain` builds it (which
-installs all three) and one with DeepSpeed's own gather and reduction, from the same weights,
+installs both) and one with DeepSpeed's own gather and reduction, from the same weights,
 and takes one step on the same clips with each; the parameters after the step must be equal bit
 for bit on each rank, and equal across ranks (the partition a rank does not own came from the other)."""
 import json
@@ -22,15 +22,15 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().float() for p in module.parameters()])
 
 
-def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, int, bool]:
+def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, bool]:
     """All parameters of the module after one step, flattened; the gather the engine's ZeRO
-    optimizer calls; how far the step moved the parameters; the all-reduces done in shared
-    memory; whether backward overlapped the gradient reduction."""
+    optimizer calls; how far the step moved the parameters; whether backward overlapped
+    the gradient reduction."""
     from scaling.config import load_config
     from scaling.masking import make_masks
     from scaling.models.pretrain import build_pretrain_model
     from scaling.precision import input_dtype
-    from scaling.train import gloo_gather, overlap_reduce, shm_allreduce
+    from scaling.train import gloo_gather, overlap_reduce
     from scaling.train.engine import build_ds_config, build_model, initialize
 
     cfg = load_config(SMOKE, ["data.source=noise", "train.global_batch=4", "optim.warmup_steps=0",
@@ -46,11 +46,10 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     engine, _ = initialize(model, cfg, ds)
     if deepspeed_own:
         gloo_gather.uninstall()
-        shm_allreduce.uninstall()
         overlap_reduce.uninstall(engine)
     overlapped = "average_tensor" in vars(engine.optimizer)
     gather = sys.modules[type(engine.optimizer).__module__].all_gather_dp_groups.__qualname__
-    before, shm_before = flat(engine.module), shm_allreduce.calls["shm"]
+    before = flat(engine.module)
     rank = torch.distributed.get_rank()
     clips = torch.Generator().manual_seed(rank)
     video = torch.randn(2, 3, m.num_frames, m.input_size, m.input_size, generator=clips)
@@ -58,7 +57,7 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     engine.backward(engine(video.to(input_dtype(precision)), enc, dec).float().pow(2).mean())
     engine.step()
     after = flat(engine.module)
-    return after, gather, float((after - before).abs().max()), shm_allreduce.calls["shm"] - shm_before, overlapped
+    return after, gather, float((after - before).abs().max()), overlapped
 
 
 def compare() -> None:
@@ -67,19 +66,22 @@ def compare() -> None:
     rank, world = init_ranks()
     verdict = {}
     for stage, precision in CASES:
-        ours, ours_gather, moved, ours_shm, ours_overlapped = params_after_one_step(stage, precision, deepspeed_own=False)
-        theirs, their_gather, _, their_shm, their_overlapped = params_after_one_step(stage, precision, deepspeed_own=True)
+        ours, ours_gather, moved, ours_overlapped = params_after_one_step(stage, precision, deepspeed_own=False)
+        theirs, their_gather, _, their_overlapped = params_after_one_step(stage, precision, deepspeed_own=True)
         both = [torch.empty_like(ours) for _ in range(world)]
         torch.distributed.all_gather(both, ours)
         verdict[f"zero{stage}_{precision}"] = {
-            "gathers": [ours_gather, their_gather], "shm_all_reduces": [ours_shm, their_shm],
-            "overlapped": [ours_overlapped, their_overlapped], "bitwise_equal": torch.equal(ours, theirs),
-            "ranks_agree": torch.equal(*both), "moved": moved}
+            "gathers": [ours_gather, their_gather], "overlapped": [ours_overlapped, their_overlapped],
+            "bitwise_equal": torch.equal(ours, theirs), "ranks_agree": torch.equal(*both), "moved": moved}
     if rank == 0:
         print(json.dumps(verdict))
+    # Stop gloo's worker threads while the interpreter is whole: left to its exit, they abort the
+    # process now and then ("terminate called without an active exception", pytorch#190489; 2 of 17
+    # launches here once the gradient all-reduces were async).
+    torch.distributed.destroy_process_group()
 
 
-def test_broadcast_gather_and_shm_reduction_give_deepspeeds_parameters_bit_for_bit(tmp_path):
+def test_broadcast_gather_and_overlapped_reduction_give_deepspeeds_parameters_bit_for_bit(tmp_path):
     from scaling.launch import free_port
 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
@@ -88,10 +90,10 @@ def test_broadcast_gather_and_shm_reduction_give_deepspeeds_parameters_bit_for_b
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     assert "ZeRO-1/2 gather parameters by one broadcast per owner" in done.stdout
-    assert "ZeRO-1/2 reduce gradients through DeepSpeed's shared-memory all-reduce" in done.stdout
+    assert "ZeRO-1/2 all-reduce gradient buckets while backward goes on" in done.stdout
     for case, v in verdict.items():
         assert v["gathers"] == ["gather_by_broadcast", "all_gather_dp_groups"], (case, v)
-        assert v["shm_all_reduces"][0] > 0 and v["shm_all_reduces"][1] == 0, (case, v)
+        assert v["overlapped"] == [True, False], (case, v)
         assert v["bitwise_equal"] and v["ranks_agree"], (case, v)
         assert v["moved"] > 0, (case, v)  # a real step: the comparison is not of untouched weights
 
