@@ -20,6 +20,9 @@ Arms:
                             all_gather_into_tensor, as before scaling/train/gloo_gather.py (which the
                             engine installs on gloo: one broadcast per owner, 3.5x faster there,
                             bench/zero_comm.py)
+  suffix _nooverlap         ZeRO-1/2 reduce each gradient bucket inside backward, as DeepSpeed does on
+                            CPU, instead of asynchronously while backward goes on
+                            (scaling/train/overlap_reduce.py, which the engine installs on gloo)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -115,7 +118,10 @@ def time_zero_internals(stage: int) -> None:
     """ZeRO-3: param_fetch (gather the weights a module needs, wait for them, launch the
     prefetch of the next ones), param_release (free them after the module), grad_reduce (the
     bucketed reduce-scatter of gradients). ZeRO-1/2: grad_reduce (the bucket reduction) and
-    param_gather (the gather of the updated partitions after the optimizer step)."""
+    param_gather (the gather of the updated partitions after the optimizer step); with the
+    overlapped reduction (scaling/train/overlap_reduce.py) grad_reduce counts starting a bucket's
+    all-reduce and waiting for the one before, backward_epilogue the end of backward, which waits
+    for the last bucket."""
     if stage == 3:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -171,7 +177,14 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
         from scaling.train import gloo_gather
 
         gloo_gather.uninstall()
+    if "_nooverlap" in arm:
+        from scaling.train import overlap_reduce
+
+        overlap_reduce.uninstall(engine)
     time_zero_internals(ds_config["zero_optimization"]["stage"])
+    if "reduce_ipg_grads" in vars(engine.optimizer):  # overlapped: time the instance's own entry points
+        timed(engine.optimizer, "reduce_ipg_grads", "grad_reduce")
+        timed(engine.optimizer, "independent_gradient_partition_epilogue", "backward_epilogue")
     grid, patch, tubelet = model.grid, model.size.patch, model.size.tubelet
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, _ = make_batches(cfg, rank, world, 0)
@@ -288,6 +301,7 @@ def worker(args) -> None:
                                                  "cpu_s_per_rank": cpu_per_rank,
                                                  "load_avg": os.getloadavg(), "records": records,
                                                  "busiest_ops": busiest}))
+    torch.distributed.destroy_process_group()  # gloo's worker threads stopped before the interpreter goes
 
 
 def busiest_ops(prof, top: int = 15) -> list[dict]:

@@ -11,6 +11,9 @@ What each way of training moves once per step (bucketed as DeepSpeed buckets, --
   allgather               ZeRO-1/2 after the optimizer step: every rank gathers the updated
                           partitions of the others (ZeRO-3 does this in forward and again in backward)
   allgather_list, broadcast_from_owner   the same gather through gloo's other collectives
+  allreduce_shm           the all-reduce through DeepSpeed's shared-memory kernel for ranks on one
+                          node (torch.ops.deepspeed.inference_all_reduce_, the `deepspeed_shm_comm`
+                          op its CPU accelerator builds), bucket by bucket
 The patterns run interleaved (A, B, C, A, B, C, ...) in one launch, so that load from other work
 on the machine falls on all of them alike; the load averages go into the JSON.
 """
@@ -25,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-PATTERNS = ("allreduce", "reduce_to_owner", "allgather", "allgather_list", "broadcast_from_owner")
+PATTERNS = ("allreduce", "allreduce_shm", "reduce_to_owner", "allgather", "allgather_list", "broadcast_from_owner")
 
 
 def buckets(n: int, size: int) -> list[tuple[int, int]]:
@@ -40,6 +43,11 @@ def run_pattern(name: str, flat, part_size: int, bucket: int) -> None:
     if name == "allreduce":
         for start, numel in buckets(flat.numel(), bucket):
             dist.all_reduce(flat.narrow(0, start, numel))
+    elif name == "allreduce_shm":
+        import torch
+
+        for start, numel in buckets(flat.numel(), bucket):
+            torch.ops.deepspeed.inference_all_reduce_(flat.narrow(0, start, numel))
     elif name == "reduce_to_owner":
         for start, numel in buckets(flat.numel(), bucket):
             for owner in range(world):  # the slice of this bucket inside `owner`'s partition
@@ -56,10 +64,14 @@ def run_pattern(name: str, flat, part_size: int, bucket: int) -> None:
 
 
 def worker(args) -> None:
+    import deepspeed
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    # DeepSpeed maps its shared-memory all-reduce buffers only when LOCAL_SIZE (its launcher's
+    # name for torchrun's LOCAL_WORLD_SIZE) says that every rank is on this node.
+    os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+    deepspeed.init_distributed("gloo")
     world = dist.get_world_size()
     part = int(args.params) // world
     flat = torch.randn(part * world)

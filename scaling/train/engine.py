@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
-from scaling.train import gloo_gather
+from scaling.train import gloo_gather, overlap_reduce
 from scaling.train.offload_optimizer import build_optimizer, with_offload_adam
 
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
@@ -104,6 +104,7 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
         config=ds_config,
     )
     gloo_gather.install_for(engine)
+    overlap_reduce.install_for(engine)
     compile_engine(engine, cfg)
     return engine, scheduler
 
