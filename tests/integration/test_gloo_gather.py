@@ -15,14 +15,16 @@ import sys
 import torch
 from helpers import SMOKE, env_for
 
-CASES = ((1, "fp32"), (2, "fp32"), (1, "bf16"))
+# (ZeRO stage, precision, micro-steps per optimizer step): with accumulation, backward's
+# reduction hooks run on micro-steps that end without an optimizer step.
+CASES = ((1, "fp32", 1), (2, "fp32", 1), (1, "bf16", 1), (1, "fp32", 2), (2, "fp32", 2))
 
 
 def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().float() for p in module.parameters()])
 
 
-def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, bool]:
+def params_after_one_step(stage: int, precision: str, accum: int, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, bool]:
     """All parameters of the module after one step, flattened; the gather the engine's ZeRO
     optimizer calls; how far the step moved the parameters; whether backward overlapped
     the gradient reduction."""
@@ -33,7 +35,8 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     from scaling.train import gloo_gather, overlap_reduce
     from scaling.train.engine import build_ds_config, build_model, initialize
 
-    cfg = load_config(SMOKE, ["data.source=noise", "train.global_batch=4", "optim.warmup_steps=0",
+    cfg = load_config(SMOKE, ["data.source=noise", f"train.global_batch={4 * accum}", f"train.grad_accum={accum}",
+                              "optim.warmup_steps=0",
                               f"train.precision={precision}", f"train.zero_stage={stage}",
                               "model.activation_checkpointing=false"])
     ds = build_ds_config(cfg, 2)
@@ -52,10 +55,11 @@ def params_after_one_step(stage: int, precision: str, deepspeed_own: bool) -> tu
     before = flat(engine.module)
     rank = torch.distributed.get_rank()
     clips = torch.Generator().manual_seed(rank)
-    video = torch.randn(2, 3, m.num_frames, m.input_size, m.input_size, generator=clips)
-    enc, dec = make_masks(2, model.grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, clips)
-    engine.backward(engine(video.to(input_dtype(precision)), enc, dec).float().pow(2).mean())
-    engine.step()
+    for _ in range(accum):  # DeepSpeed steps the optimizer at the last micro-step only
+        video = torch.randn(2, 3, m.num_frames, m.input_size, m.input_size, generator=clips)
+        enc, dec = make_masks(2, model.grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, clips)
+        engine.backward(engine(video.to(input_dtype(precision)), enc, dec).float().pow(2).mean())
+        engine.step()
     after = flat(engine.module)
     return after, gather, float((after - before).abs().max()), overlapped
 
@@ -65,12 +69,12 @@ def compare() -> None:
 
     rank, world = init_ranks()
     verdict = {}
-    for stage, precision in CASES:
-        ours, ours_gather, moved, ours_overlapped = params_after_one_step(stage, precision, deepspeed_own=False)
-        theirs, their_gather, _, their_overlapped = params_after_one_step(stage, precision, deepspeed_own=True)
+    for stage, precision, accum in CASES:
+        ours, ours_gather, moved, ours_overlapped = params_after_one_step(stage, precision, accum, deepspeed_own=False)
+        theirs, their_gather, _, their_overlapped = params_after_one_step(stage, precision, accum, deepspeed_own=True)
         both = [torch.empty_like(ours) for _ in range(world)]
         torch.distributed.all_gather(both, ours)
-        verdict[f"zero{stage}_{precision}"] = {
+        verdict[f"zero{stage}_{precision}_accum{accum}"] = {
             "gathers": [ours_gather, their_gather], "overlapped": [ours_overlapped, their_overlapped],
             "bitwise_equal": torch.equal(ours, theirs), "ranks_agree": torch.equal(*both), "moved": moved}
     if rank == 0:
