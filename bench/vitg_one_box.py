@@ -73,12 +73,12 @@ def status_kib(pid: int, field: str) -> int:
 
 
 class Watcher(threading.Thread):
-    """Lowest available memory, largest swap folder, each process's peak RSS; a low-memory stop."""
+    """Lowest available memory, largest size of `folder` on disk, each process's peak RSS; a low-memory stop."""
 
-    def __init__(self, proc: subprocess.Popen, swap: Path, kill_below_gb: float):
+    def __init__(self, proc: subprocess.Popen, folder: Path, kill_below_gb: float):
         super().__init__(daemon=True)
-        self.proc, self.swap, self.kill_below = proc, swap, kill_below_gb * GiB
-        self.min_available, self.max_swap, self.low_memory = available_bytes(), 0, False
+        self.proc, self.folder, self.kill_below = proc, folder, kill_below_gb * GiB
+        self.min_available, self.max_disk, self.low_memory = available_bytes(), 0, False
         self.peak_kib: dict[int, int] = {}
         self.cmdline: dict[int, str] = {}
         self.done = threading.Event()
@@ -86,7 +86,7 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(1.0):
             self.min_available = min(self.min_available, available_bytes())
-            self.max_swap = max(self.max_swap, folder_bytes(self.swap))
+            self.max_disk = max(self.max_disk, folder_bytes(self.folder))
             for pid in process_tree(self.proc.pid):
                 self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), status_kib(pid, "VmHWM"))
                 if pid not in self.cmdline:
@@ -126,7 +126,7 @@ def baseline(model: str, work: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_pretrain(args, work: Path, overrides: list[str], swap: Path, kill_after_step: int | None) -> dict:
+def run_pretrain(args, work: Path, overrides: list[str], kill_after_step: int | None) -> dict:
     """One `scaling pretrain` launch; with kill_after_step, SIGKILL everything once that step is logged."""
     cmd = [str(ROOT / ".venv" / "bin" / "scaling"), "pretrain", "--config", str(ROOT / "pipelines" / "vitg_one_box.yaml"),
            *overrides]
@@ -140,7 +140,7 @@ def run_pretrain(args, work: Path, overrides: list[str], swap: Path, kill_after_
         env = dict(os.environ, PYTHONUNBUFFERED="1", SCALING_BENCH_ZERO_TIMERS=str(timers),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "bench" / "zero_timers"), os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        watcher = Watcher(proc, swap, args.kill_below_gb)
+        watcher = Watcher(proc, work, args.kill_below_gb)  # work holds the swap files and checkpoints
         watcher.start()
         killed_at = None
         while proc.poll() is None:
@@ -162,7 +162,7 @@ def run_pretrain(args, work: Path, overrides: list[str], swap: Path, kill_after_
     return {"exit_code": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
             "killed_after_s": None if killed_at is None else round(killed_at, 1),
             "peak_rss_gib_per_rank": watcher.ranks_peak_gib(), "min_available_gib": round(watcher.min_available / GiB, 2),
-            "swap_and_checkpoint_folder_max_gib": round(watcher.max_swap / GiB, 2),
+            "swap_and_checkpoint_folder_max_gib": round(watcher.max_disk / GiB, 2),
             "breakdown_s_per_step": breakdown(text, timers),
             "idle_rank_rss_gib": [round(json.loads(f.read_text())["rss"] / GiB, 3) for f in sorted(timers.glob("rank*_idle.json"))],
             "log_lines": [line for line in text.splitlines() if line.startswith("[scaling]")][-40:]}
@@ -224,10 +224,10 @@ def main() -> None:
                      f"train.output_dir={work / 'run'}",
                      f"train.ds_config={work / 'ds_config.json'}", f"data.shards={work / 'synth'}/synth-{{000000..000003}}.tar",
                      f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
-        first = run_pretrain(args, work, overrides, work, kill_after_step=args.steps)
+        first = run_pretrain(args, work, overrides, kill_after_step=args.steps)
         uninterrupted = metrics_by_step(work / "run" / "metrics.jsonl")
         checkpoints_after_kill = sorted(p.name for p in (work / "run" / "checkpoints").iterdir())
-        resumed_run = run_pretrain(args, work, overrides, work, kill_after_step=None)
+        resumed_run = run_pretrain(args, work, overrides, kill_after_step=None)
         after = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
         resumed = after[len(uninterrupted):]
         result.update(
