@@ -90,7 +90,8 @@ class PhaseTimer:
         self.comm[name] = self.comm.get(name, 0.0) + comm_seconds() - comm0
         for part, s in PARTS.items():
             if s > parts0.get(part, 0.0):
-                self.parts.setdefault(name, {})[part] = s - parts0.get(part, 0.0)
+                in_phase = self.parts.setdefault(name, {})
+                in_phase[part] = in_phase.get(part, 0.0) + s - parts0.get(part, 0.0)
 
 
 # Wall seconds spent so far in the ZeRO internals below, per part. The comms logger cannot see

@@ -15,16 +15,18 @@ lowest available memory seen, the swap files' size and the planner's prediction.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -62,25 +64,64 @@ def wait_for_memory(need: float, patience_s: int) -> None:
         time.sleep(60)
 
 
-class Sampler(threading.Thread):
-    """Lowest available memory and largest swap folder seen; kills the run when memory runs low."""
+def status_kib(pid: int, field: str) -> int:
+    """A /proc/<pid>/status figure in KiB (VmHWM: the process's peak RSS); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, swap: Path, kill_below: float):
+
+def process_tree(root: int) -> list[psutil.Process]:
+    try:
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL to `root` and everything below it at once (launcher, torchrun, ranks): no handler
+    runs, nothing saves."""
+    for proc in reversed(process_tree(root)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+class Watcher(threading.Thread):
+    """Once a second: the lowest available memory, the largest size of `folder` on disk (swap
+    files, checkpoints), each process's peak RSS; stops the run when memory runs low."""
+
+    def __init__(self, proc: subprocess.Popen, folder: Path, kill_below_gb: float):
         super().__init__(daemon=True)
-        self.swap, self.kill_below = swap, kill_below * GiB
-        self.min_available, self.max_swap, self.killed = available_bytes(), 0, False
-        self.proc: subprocess.Popen | None = None
+        self.proc, self.folder, self.kill_below = proc, folder, kill_below_gb * GiB
+        self.min_available, self.max_disk, self.low_memory = available_bytes(), 0, False
+        self.peak_kib: dict[int, int] = {}
+        self.parent: dict[int, int] = {}
+        self.cmdline: dict[int, str] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(1.0):
-            avail = available_bytes()
-            self.min_available = min(self.min_available, avail)
-            self.max_swap = max(self.max_swap, folder_bytes(self.swap))
-            if avail < self.kill_below and self.proc and not self.killed:
-                print(f"[one_box] only {avail / GiB:.2f} GiB available: stopping the run", flush=True)
-                self.killed = True
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.min_available = min(self.min_available, available_bytes())
+            self.max_disk = max(self.max_disk, folder_bytes(self.folder))
+            for proc in process_tree(self.proc.pid):
+                self.peak_kib[proc.pid] = max(self.peak_kib.get(proc.pid, 0), status_kib(proc.pid, "VmHWM"))
+                if proc.pid not in self.cmdline:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        self.parent[proc.pid], self.cmdline[proc.pid] = proc.ppid(), " ".join(proc.cmdline())
+            if self.min_available < self.kill_below and not self.low_memory:
+                print(f"[one_box] only {self.min_available / GiB:.2f} GiB available: stopping the run", flush=True)
+                self.low_memory = True
+                kill_tree(self.proc.pid)
+
+    def ranks_peak_gib(self) -> list[float]:
+        """The peak RSS of each rank (a child of torchrun), largest first."""
+        ranks = [pid for pid, ppid in self.parent.items() if "torch.distributed.run" in self.cmdline.get(ppid, "")]
+        return sorted((round(self.peak_kib[pid] / 2**20, 3) for pid in ranks), reverse=True)
 
 
 def planner_prediction(model: str, ds_config: str, precision: str = "bf16") -> dict:
@@ -126,17 +167,16 @@ def main() -> None:
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(ROOT / "bench" / "zero_steps.py"),
                "--out", str(work), "--config", str(ROOT / "pipelines" / "pretrain_smoke.yaml"), *overrides]
         print("[one_box] " + " ".join(cmd), flush=True)
-        sampler = Sampler(swap, args.kill_below_gb)
-        sampler.start()
         start = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        sampler.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-        code = sampler.proc.wait()
+        watcher = Watcher(subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True), swap, args.kill_below_gb)
+        watcher.start()
+        code = watcher.proc.wait()
         wall = time.perf_counter() - start
-        sampler.done.set()
-        sampler.join()
+        watcher.done.set()
+        watcher.join()
         if code != 0:
-            raise SystemExit(f"the run failed with exit code {code}" + (" (stopped: memory ran low)" if sampler.killed else ""))
+            raise SystemExit(f"the run failed with exit code {code}" + (" (stopped: memory ran low)" if watcher.low_memory else ""))
         ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
     finally:
         shutil.rmtree(swap, ignore_errors=True)
@@ -154,8 +194,8 @@ def main() -> None:
         "peak_rss_gib_per_rank": [round(r["phases"][f"step_{args.steps}"]["peak_rss"] / GiB, 3) for r in ranks],
         "peak_rss_gib_by_phase": {f"rank{r['rank']}": {k: round(v["peak_rss"] / GiB, 3) for k, v in r["phases"].items()} for r in ranks},
         "seconds_since_start_by_phase": {k: v["s"] for k, v in ranks[0]["phases"].items()},
-        "min_available_gib": round(sampler.min_available / GiB, 2),
-        "swap_files_gib": round(sampler.max_swap / GiB, 2),
+        "min_available_gib": round(watcher.min_available / GiB, 2),
+        "swap_files_gib": round(watcher.max_disk / GiB, 2),
         "wall_s": round(wall, 1),
         "omp_num_threads": env["OMP_NUM_THREADS"],
         "load_average_after": os.getloadavg(),

@@ -28,91 +28,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from one_box import available_bytes, cpu_facts, folder_bytes, planner_prediction, wait_for_memory  # noqa: E402
+from one_box import Watcher, cpu_facts, kill_tree, planner_prediction, wait_for_memory  # noqa: E402
 
 GiB = 2**30
 TIMER_LINE = re.compile(r"time \(ms\) \| (.*)$")
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every process below it (read from /proc: no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def status_kib(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class Watcher(threading.Thread):
-    """Lowest available memory, largest size of `folder` on disk, each process's peak RSS; a low-memory stop."""
-
-    def __init__(self, proc: subprocess.Popen, folder: Path, kill_below_gb: float):
-        super().__init__(daemon=True)
-        self.proc, self.folder, self.kill_below = proc, folder, kill_below_gb * GiB
-        self.min_available, self.max_disk, self.low_memory = available_bytes(), 0, False
-        self.peak_kib: dict[int, int] = {}
-        self.cmdline: dict[int, str] = {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(1.0):
-            self.min_available = min(self.min_available, available_bytes())
-            self.max_disk = max(self.max_disk, folder_bytes(self.folder))
-            for pid in process_tree(self.proc.pid):
-                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), status_kib(pid, "VmHWM"))
-                if pid not in self.cmdline:
-                    try:
-                        self.cmdline[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:200]
-                    except OSError:
-                        pass
-            if self.min_available < self.kill_below and not self.low_memory:
-                print(f"[vitg_one_box] only {self.min_available / GiB:.2f} GiB available: stopping the run", flush=True)
-                self.low_memory = True
-                kill_tree(self.proc.pid)
-
-    def ranks_peak_gib(self) -> list[float]:
-        """The ranks' peaks: the processes that run `scaling pretrain` under torchrun (RANK set)."""
-        ranks = [pid for pid, cmd in self.cmdline.items() if "torchrun" not in cmd and "scaling.torchrun" not in cmd
-                 and pid != self.proc.pid and "python" in cmd]
-        return sorted((round(self.peak_kib[p] / 2**20, 3) for p in ranks), reverse=True)[:2]
-
-
-def kill_tree(root: int) -> None:
-    """SIGKILL to the launcher, torchrun and the ranks at once: no handler runs, nothing saves."""
-    for pid in reversed(process_tree(root)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def baseline(model: str, work: Path) -> dict:

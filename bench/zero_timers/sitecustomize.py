@@ -18,37 +18,36 @@ if os.environ.get("SCALING_BENCH_ZERO_TIMERS") and os.environ.get("RANK") is not
     import json
     import resource
     import sys
-    import time
     from pathlib import Path
 
     import deepspeed
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
-    from engine_step import PARTS, time_zero_internals  # noqa: E402
+    from engine_step import PhaseTimer, time_zero_internals  # noqa: E402
 
     # Out of the environment: processes the rank starts (py-cpuinfo runs Python to read the CPU)
     # must not import DeepSpeed at start-up too.
     _out = Path(os.environ.pop("SCALING_BENCH_ZERO_TIMERS")) / f"rank{os.environ['RANK']}.jsonl"
     time_zero_internals(3)
-    _step: dict = {}
+
+    _timer = PhaseTimer()
 
     def _phase(name, fn):
+        """`fn` timed as phase `name` of the step; after the optimizer step, one line per step."""
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
-            parts0, t0 = dict(PARTS), time.perf_counter()
+            global _timer
             try:
-                return fn(*args, **kwargs)
+                with _timer(name):
+                    return fn(*args, **kwargs)
             finally:
-                _step[name] = _step.get(name, 0.0) + time.perf_counter() - t0
-                for part, s in PARTS.items():
-                    if s > parts0.get(part, 0.0):
-                        key = f"{name}/{part}"
-                        _step[key] = _step.get(key, 0.0) + s - parts0.get(part, 0.0)
                 if name == "optimizer":
+                    record = {**_timer.seconds, **{f"{phase}/{part}": s for phase, parts in _timer.parts.items()
+                                                   for part, s in parts.items()}}
                     with open(_out, "a") as f:
-                        f.write(json.dumps({k: round(v, 3) for k, v in _step.items()}) + "\n")
-                    _step.clear()
+                        f.write(json.dumps({k: round(v, 3) for k, v in record.items()}) + "\n")
+                    _timer = PhaseTimer()  # the next step starts from zero
         return wrapped
 
     def _rss_when_idle(init):
