@@ -20,6 +20,7 @@ from scaling.config.schema import (
     apply_overrides,
     build_run_config,
     data_sources,
+    ds_json_for,
     from_dict,
     load_config,
     merge,
@@ -35,7 +36,7 @@ from scaling.config.schema import (
 __all__ = [
     "DS_OWNED_KEYS", "REPO_ROOT", "ConfigError", "DataConfig", "FinetuneConfig", "MaskConfig", "ModelConfig",
     "OptimConfig", "RunConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "build_run_config", "data_sources",
-    "from_dict", "load_config", "merge", "micro_batch", "parse_yaml", "read_yaml", "resolve_ds_config", "save_config",
+    "ds_json_for", "from_dict", "load_config", "merge", "micro_batch", "parse_yaml", "read_yaml", "resolve_ds_config", "save_config",
     "to_dict", "validate", "validate_counts", "validate_ds_json", "validate_finetune", "validate_mar",
     "with_stage_defaults",
 ]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from scaling.config.schema import (
+    CPU_RANKS_KEY,
     DS_OWNED_KEYS,
     SAMPLINGS,
     SUPERVISED_STAGES,
@@ -188,10 +189,13 @@ def validate_ds_json(cfg: RunConfig) -> None:
         raise ConfigError(f"train.ds_config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"train.ds_config {path} must hold a JSON object")
+    if not isinstance(ds.get(CPU_RANKS_KEY, {}), dict):
+        raise ConfigError(f"train.ds_config {path}: {CPU_RANKS_KEY} must be a JSON object of DeepSpeed settings for "
+                          f"CPU ranks, e.g. {{\"zero_optimization\": {{\"reduce_bucket_size\": 6250000}}}}")
     problem = offload_adam_problem(cfg.optim.offload_adam, ds, path)
     if problem:
         raise ConfigError(problem)
-    clashes = [k for k in DS_OWNED_KEYS if k in ds]
+    clashes = [k for k in DS_OWNED_KEYS if k in ds or k in ds.get(CPU_RANKS_KEY, {})]
     if clashes:
         owners = ", ".join(f"{k} (set by {DS_OWNED_KEYS[k]})" for k in clashes)
         raise ConfigError(f"train.ds_config {path} sets {owners}, which the run config computes; remove those keys "

@@ -374,6 +374,26 @@ def resolve_ds_config(path: str) -> Path:
     raise ConfigError(f"train.ds_config '{path}' not found; use one of ds_configs/*.json")
 
 
+# A DeepSpeed JSON block of ours: settings that apply only when the ranks are CPU processes
+# (gloo), merged over the JSON's own; DeepSpeed never sees the key.
+CPU_RANKS_KEY = "cpu_ranks"
+
+
+def ds_json_for(path: str, device: str) -> dict:
+    """The DeepSpeed JSON at `path` as the ranks on `device` ("gpu" or "cpu") use it: comment
+    keys (leading "_") dropped and, on CPU ranks, the `cpu_ranks` block merged over the rest
+    (one level deep: `cpu_ranks.zero_optimization` updates `zero_optimization`)."""
+    import json
+
+    ds = {k: v for k, v in json.loads(resolve_ds_config(path).read_text()).items() if not k.startswith("_")}
+    on_cpu = ds.pop(CPU_RANKS_KEY, None) or {}
+    if device != "cpu":
+        return ds
+    for key, value in on_cpu.items():
+        ds[key] = {**ds[key], **value} if isinstance(value, dict) and isinstance(ds.get(key), dict) else value
+    return ds
+
+
 def data_sources(cfg: RunConfig) -> list[Source]:
     """The run's sources: `data.sources`, or `data.shards` as one source with `data.stride`."""
     d = cfg.data

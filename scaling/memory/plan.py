@@ -29,7 +29,6 @@ bench/plan_validate.py compares the prediction with the peak RSS of real 2-rank 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from functools import cache
 
@@ -136,13 +135,13 @@ def validate(spec: PlanSpec) -> None:
     zero_settings(spec.ds_config)
 
 
-def zero_settings(ds_config: str) -> dict:
-    """The ZeRO settings the extras depend on, from a ds_configs/*.json (DeepSpeed's defaults
-    where it sets none)."""
-    from scaling.config import ConfigError, resolve_ds_config
+def zero_settings(ds_config: str, device: str = "gpu") -> dict:
+    """The ZeRO settings the extras depend on, from a ds_configs/*.json as ranks on `device` read
+    it (DeepSpeed's defaults where it sets none)."""
+    from scaling.config import ConfigError, ds_json_for
 
     try:
-        zero = json.loads(resolve_ds_config(ds_config).read_text()).get("zero_optimization", {})
+        zero = ds_json_for(ds_config, device).get("zero_optimization", {})
     except ConfigError as e:
         raise PlanError(str(e)) from None
     settings = {**zero, **zero.get("offload_optimizer", {})}  # buffer_count lives in offload_optimizer
@@ -413,7 +412,7 @@ def plan(spec: PlanSpec) -> dict:
     validate(spec)
     counts = param_counts(spec.model, spec.frames, spec.input_size)
     total, largest = counts["total"], counts["largest_layer"]
-    zero = zero_settings(spec.ds_config)
+    zero = zero_settings(spec.ds_config, spec.device)
     states = model_states(total, largest, spec.precision, spec.zero_stage, spec.offload_optimizer, spec.offload_params,
                           spec.gpus_per_node, spec.nodes)
     ds = deepspeed_estimate(total, largest, spec.zero_stage, spec.offload_optimizer, spec.offload_params,

@@ -51,7 +51,7 @@ def stage_peak(cfg, stage: int, clips: int, gpus_per_node: int, nodes: int, gpu_
     P.validate(spec)
     counts = P.param_counts(spec.model, spec.frames, spec.input_size)
     total, largest = counts["total"], counts["largest_layer"]
-    zero = P.zero_settings(spec.ds_config)
+    zero = P.zero_settings(spec.ds_config, spec.device)
     states = P.model_states(total, largest, spec.precision, stage, "none", "none", gpus_per_node, nodes)
     counted = ("gpu", "host") if device == "cpu" else ("gpu",)
     fixed = states["gpu"] + sum(e["bytes"] for e in P.extras(spec, total, largest, zero) if e["where"] in counted)

@@ -6,7 +6,6 @@ so a DeepSpeed JSON can never disagree with it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from scaling.config import DS_OWNED_KEYS, RunConfig, micro_batch, resolve_ds_config
+from scaling.config import DS_OWNED_KEYS, RunConfig, ds_json_for, micro_batch, resolve_ds_config
 from scaling.train import gloo_gather, overlap_reduce
 from scaling.train.offload_optimizer import build_optimizer, with_offload_adam
 
@@ -39,7 +38,7 @@ OWNED_KEYS = tuple(DS_OWNED_KEYS)
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     path = resolve_ds_config(cfg.train.ds_config)
-    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    ds = ds_json_for(cfg.train.ds_config, "gpu" if torch.cuda.is_available() else "cpu")
     clashes = [k for k in OWNED_KEYS if k in ds]
     if clashes:
         raise ValueError(f"{path} sets {', '.join(clashes)}; remove them, the run config computes these")

@@ -81,6 +81,26 @@ def test_deepspeed_json_that_sets_what_the_run_config_computes_is_refused(tmp_pa
     err = refused(capsys, "pretrain", "--config", str(SMOKE), *NOISE, f"train.ds_config={ds}")
     assert "not valid JSON at line 2, column 21" in err
     validate(load_config(SMOKE, NOISE), 2)  # the shipped JSON is fine
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "cpu_ranks": {"train_batch_size": 8}}))
+    err = refused(capsys, "pretrain", "--config", str(SMOKE), *NOISE, f"train.ds_config={ds}")
+    assert "train_batch_size (set by train.global_batch)" in err
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "cpu_ranks": 6250000}))
+    err = refused(capsys, "pretrain", "--config", str(SMOKE), *NOISE, f"train.ds_config={ds}")
+    assert "cpu_ranks must be a JSON object" in err
+
+
+def test_cpu_ranks_block_applies_on_cpu_ranks_only(tmp_path):
+    """`cpu_ranks` in a DeepSpeed JSON updates its sections for CPU ranks (gloo) and is dropped on
+    GPUs; DeepSpeed never sees the key."""
+    from scaling.config import ds_json_for
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"_comment": "x", "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7,
+                                                                     "overlap_comm": True},
+                              "cpu_ranks": {"zero_optimization": {"reduce_bucket_size": 6250000}, "steps_per_print": 7}}))
+    assert ds_json_for(str(ds), "gpu") == {"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7, "overlap_comm": True}}
+    assert ds_json_for(str(ds), "cpu") == {"zero_optimization": {"stage": 1, "reduce_bucket_size": 6250000,
+                                                                 "overlap_comm": True}, "steps_per_print": 7}
 
 
 def test_init_from_previous_outside_a_pipeline_is_refused(tmp_path, capsys):
