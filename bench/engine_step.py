@@ -23,6 +23,15 @@ Arms:
   suffix _nooverlap         ZeRO-1/2 reduce each gradient bucket inside backward, as DeepSpeed does on
                             CPU, instead of asynchronously while backward goes on
                             (scaling/train/overlap_reduce.py, which the engine installs on gloo)
+  suffix _inflightN         ZeRO-1/2's overlapped reduction keeps at most N gradient buckets in flight
+                            (default OverlappedReduction.IN_FLIGHT; 1 = only DeepSpeed's two buffers)
+  suffix _newgrad           ZeRO-1/2 flatten the gradient partition into new memory in every step, as
+                            DeepSpeed does, instead of a buffer kept between steps
+                            (scaling/train/grad_partition_buffer.py, which the engine installs on gloo)
+  suffix _noshare           ZeRO-1/2 keep each rank's own copy of the weights and gather them after the
+                            step, instead of sharing one copy among the machine's ranks and waiting
+                            at a barrier (scaling/train/shared_params.py, which the engine installs
+                            on gloo)
   :key=value[:key=value]    DeepSpeed `zero_optimization` settings over the JSON's, e.g.
                             zero1:use_multi_rank_bucket_allreduce=false (values are JSON)
 
@@ -182,6 +191,17 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
         from scaling.train import overlap_reduce
 
         overlap_reduce.uninstall(engine)
+    if "_inflight" in arm:
+        reduction = engine.optimizer.average_tensor.__self__  # the OverlappedReduction installed
+        reduction.IN_FLIGHT = int(arm.split("_inflight")[1].split("_")[0].split(":")[0])
+    if "_newgrad" in arm:
+        from scaling.train import grad_partition_buffer
+
+        grad_partition_buffer.uninstall(engine)
+    if "_noshare" in arm:
+        from scaling.train import shared_params
+
+        shared_params.uninstall(engine)
     time_zero_internals(ds_config["zero_optimization"]["stage"])
     if "reduce_ipg_grads" in vars(engine.optimizer):  # overlapped: time the instance's own entry points
         timed(engine.optimizer, "reduce_ipg_grads", "grad_reduce")

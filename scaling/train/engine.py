@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from scaling.config import DS_OWNED_KEYS, RunConfig, ds_json_for, micro_batch, resolve_ds_config
-from scaling.train import gloo_gather, overlap_reduce
+from scaling.train import gloo_gather, grad_partition_buffer, overlap_reduce, shared_params
 from scaling.train.offload_optimizer import build_optimizer, with_offload_adam
 
 # The lr rule lives beside the schedule (no DeepSpeed import there, for `scaling pipeline show`).
@@ -104,6 +104,8 @@ def initialize(model: nn.Module, cfg: RunConfig, ds_config: dict, groups: list[d
     )
     gloo_gather.install_for(engine)
     overlap_reduce.install_for(engine)
+    shared_params.install_for(engine)
+    grad_partition_buffer.install_for(engine)
     compile_engine(engine, cfg)
     return engine, scheduler
 

@@ -37,11 +37,18 @@ def gather_by_broadcast(groups_flat, partitioned_param_groups, dp_process_group,
                         allgather_bucket_size) -> None:
     """DeepSpeed's `all_gather_dp_groups`, as one broadcast per owner: partition `owner` of a
     group is a view into that group's flat buffer, so broadcasting it from its owner fills the
-    buffer on every rank. (The alignment and bucket size only shape DeepSpeed's fallback.)"""
+    buffer on every rank. (The alignment and bucket size only shape DeepSpeed's fallback.) A group
+    the ranks share (scaling/train/shared_params.py) is complete once every rank has written its
+    partition: a barrier."""
     import deepspeed.comm as ds_dist  # DeepSpeed's wrapper, so its comms logger counts these
 
-    for partitions, group in zip(partitioned_param_groups, dp_process_group):
+    from scaling.train.shared_params import is_shared
+
+    for flat, partitions, group in zip(groups_flat, partitioned_param_groups, dp_process_group):
         if dist.get_world_size(group) == 1:
+            continue
+        if is_shared(flat):  # every rank wrote its partition into the same memory: wait for them all
+            ds_dist.barrier(group=group)
             continue
         for owner, partition in enumerate(partitions):
             ds_dist.broadcast(partition, src=dist.get_global_rank(group, owner), group=group)
@@ -82,6 +89,13 @@ def install(backend: str) -> str:
             setattr(module, NAME, gather_by_broadcast)
     return ("ZeRO-1/2 gather parameters by one broadcast per owner (gloo: 3.5x faster than its "
             "all_gather_into_tensor, scaling/train/gloo_gather.py)")
+
+
+def installed() -> bool:
+    """Whether ZeRO-1/2 call `gather_by_broadcast` now."""
+    import importlib
+
+    return all(getattr(importlib.import_module(name), NAME, None) is gather_by_broadcast for name in CALLERS)
 
 
 def uninstall() -> None:

@@ -28,19 +28,31 @@ Elsewhere DeepSpeed's reduction runs and the start log says why.
 """
 from __future__ import annotations
 
+import collections
 import os
 
+import torch
 import torch.distributed as dist
 
 
 class OverlappedReduction:
     """Stands in for `optimizer.average_tensor` (start the all-reduce), `copy_grads_in_partition`
-    (after the wait) and `reduce_ipg_grads` (at the end of backward: wait for the last bucket)."""
+    (after the wait) and `reduce_ipg_grads` (at the end of backward: wait for every bucket).
+
+    DeepSpeed alternates two bucket buffers, so with them alone one bucket can be in flight
+    while the next fills, and backward stops whenever gloo has not finished the previous bucket
+    when the next is full. Instead, each bucket whose reduction starts hands DeepSpeed a spare
+    buffer for its slot and keeps its own until its reduction is waited for: up to `IN_FLIGHT`
+    buckets reduce at once (more than that waits for the oldest), as DDP keeps all of its
+    buckets in flight."""
+
+    IN_FLIGHT = 4
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.world = dist.get_world_size(optimizer.dp_process_group)
-        self.pending = None  # (work, bucket tensor, [(param, group index)] to copy after the wait)
+        self.pending = collections.deque()  # [work, bucket tensor, its buffer or None, [(param, group index)]]
+        self.spares = []  # buffers of finished reductions, handed to DeepSpeed's next buckets
         self.own_copy = optimizer.copy_grads_in_partition
         self.own_reduce_ipg_grads = optimizer.reduce_ipg_grads
         self.own_epilogue = optimizer.independent_gradient_partition_epilogue
@@ -51,25 +63,43 @@ class OverlappedReduction:
         optimizer.independent_gradient_partition_epilogue = self.epilogue
 
     def average_tensor(self, tensor, communication_data_type=None) -> None:
-        self.finish()  # the previous bucket, whose buffer the next one will refill
+        if len(self.pending) >= self.IN_FLIGHT:
+            self.finish_oldest()
         work = dist.all_reduce(tensor, group=self.optimizer.dp_process_group, async_op=True)
-        self.pending = (work, tensor, [])
+        buffer = None
+        bucket = self.optimizer.ipg_buckets.get(communication_data_type)
+        if bucket is not None and bucket.buffer and tensor.data_ptr() == bucket.buffer[bucket.index].data_ptr():
+            # DeepSpeed would refill this buffer two buckets on: it gets a spare for the slot instead
+            buffer = bucket.buffer[bucket.index]
+            bucket.buffer[bucket.index] = self.spare_like(buffer)
+        # (An oversized parameter's gradient is reduced in place: no buffer of DeepSpeed's to keep.)
+        self.pending.append((work, tensor, buffer, []))
+
+    def spare_like(self, buffer):
+        while self.spares:
+            spare = self.spares.pop()
+            if spare.shape == buffer.shape and spare.dtype == buffer.dtype:
+                return spare
+        return torch.empty_like(buffer)
 
     def copy_grads_in_partition(self, param, group_idx=None) -> None:
-        if self.pending is None:
+        if not self.pending:
             return self.own_copy(param, group_idx)
-        self.pending[2].append((param, group_idx))
+        self.pending[-1][3].append((param, group_idx))
 
-    def finish(self) -> None:
-        """Wait for the bucket in flight, average it, copy this rank's partition out of it."""
-        if self.pending is None:
-            return
-        work, tensor, copies = self.pending
-        self.pending = None
+    def finish_oldest(self) -> None:
+        """Wait for the oldest bucket in flight, average it, copy this rank's partition out of it."""
+        work, tensor, buffer, copies = self.pending.popleft()
         work.wait()
         tensor.mul_(1.0 / self.world)  # DeepSpeed's post-scaling (gradient_reduction_w_predivide)
-        for param, group_idx in copies:
+        for param, group_idx in copies:  # their gradients are views of `tensor`
             self.own_copy(param, group_idx)
+        if buffer is not None:
+            self.spares.append(buffer)
+
+    def finish(self) -> None:
+        while self.pending:
+            self.finish_oldest()
 
     def reduce_ipg_grads(self, comm_dtype=None) -> None:
         self.own_reduce_ipg_grads(comm_dtype)
@@ -78,7 +108,7 @@ class OverlappedReduction:
 
     def epilogue(self) -> None:
         """DeepSpeed's end of backward, which reads the reduced gradients after reducing the last
-        bucket: that bucket is waited for inside it."""
+        bucket: every bucket is waited for inside it."""
         self.ending = True
         try:
             self.own_epilogue()
