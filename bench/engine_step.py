@@ -12,7 +12,10 @@ batch.
 
 Arms:
   ddp, ddp_compiled         torch DistributedDataParallel + torch AdamW (the plain data-parallel
-                            baseline; `_compiled`: torch.compile of the DDP-wrapped model)
+                            baseline; `_compiled`: torch.compile of the DDP-wrapped model), with the
+                            reference's step: its training loop takes the gradient norm before every
+                            optimizer step (clip_grad_norm_ with optim.clip_grad, else its
+                            get_grad_norm_), as DeepSpeed's does; `_nonorm` leaves it out
   zero1, zero2, zero3, auto our engine (`scaling.train.engine`, as `scaling pretrain` builds it) at
                             that ZeRO stage (`auto`: train.zero_stage=auto)
   suffix _compiled          train.compile=true;  suffix _ckpt: activation checkpointing
@@ -236,8 +239,9 @@ def engine_arm(cfg, rank: int, world: int, arm: str):
     return step
 
 
-def ddp_arm(cfg, rank: int, world: int, compiled: bool):
-    """Plain torch DDP of the same model, AdamW with the same groups and lr; same step otherwise."""
+def ddp_arm(cfg, rank: int, world: int, arm: str):
+    """Plain torch DDP of the same model, AdamW with the same groups and lr, the reference's
+    gradient norm before each step (unless `_nonorm`); same step otherwise."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -259,8 +263,9 @@ def ddp_arm(cfg, rank: int, world: int, compiled: bool):
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), peak_lr(cfg), cfg.optim.betas,
                                 "torch", {})  # as the engine builds it without offload
     net = DistributedDataParallel(model)
-    if compiled:
+    if "_compiled" in arm:
         net = torch.compile(net)
+    params = [p for p in model.parameters() if p.requires_grad]
     clips_per_rank = micro_batch(cfg, world) * cfg.data.num_sample
     batches, _ = make_batches(cfg, rank, world, 0)
     dtype = input_dtype(cfg.train.precision)
@@ -278,6 +283,10 @@ def ddp_arm(cfg, rank: int, world: int, compiled: bool):
         with T("backward"):
             loss.backward()  # DDP's bucketed all-reduce runs inside
         with T("optimizer"):
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            elif "_nonorm" not in arm:  # the reference's get_grad_norm_ (logged as grad_norm)
+                torch.norm(torch.stack([torch.norm(p.grad.detach(), 2) for p in params]), 2)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         with T("rest"):
@@ -300,7 +309,7 @@ def worker(args) -> None:
         cfg = run_config(args, args.arm, tmp)
         t0 = time.perf_counter()
         if args.arm.startswith("ddp"):
-            step = ddp_arm(cfg, rank, world, "_compiled" in args.arm)
+            step = ddp_arm(cfg, rank, world, args.arm)
         else:
             step = engine_arm(cfg, rank, world, args.arm)
         build_s = time.perf_counter() - t0

@@ -4,8 +4,9 @@ In each optimizer step DeepSpeed's ZeRO-1/2 flattens the rank's reduced gradient
 tensor of the partition's size, the fp32 gradient the optimizer steps with, and frees it after
 the step. On the GPU the caching allocator hands back the same memory; on the CPU a tensor that
 large is a fresh mapping each time, whose pages the kernel faults in and zeroes on first write:
-for ViT-B's 43 M-element partition (fp32, 2 ranks) the flatten takes 0.10 s, of which 0.08 s is
-those faults; into a kept buffer it takes 0.02 s (one thread, torch.cat of 300 k-element views).
+for ViT-B's 43 M-element partition (fp32, 2 ranks) the flatten takes 0.091 s into new memory and
+0.016 s into a kept buffer (one thread, torch.cat of 300 k-element views,
+`python bench/flatten_buffer.py --numel 43e6`, bench/results/flatten_buffer.json).
 
 `KeptGradPartition` gives DeepSpeed's flatten, while its optimizer step runs, a buffer kept per
 (size, dtype) instead of a new tensor: the same copy of the same bytes into other memory. The

@@ -8,18 +8,20 @@ which starts each bucket's all-reduce asynchronously and waits only when it need
 pays 0.26 s for the same bytes.
 
 `OverlappedReduction` gives ZeRO-1/2 what DDP does, inside DeepSpeed's own bucketing: the
-bucket's all-reduce starts asynchronously (gloo works in its own thread while autograd goes on)
-and is waited for just before the next bucket starts or at the end of backward; the copies of
+bucket's all-reduce starts asynchronously (gloo works in its own threads while autograd goes on)
+and is waited for once `IN_FLIGHT` buckets are reducing or at the end of backward; the copies of
 this rank's partition out of the bucket (`copy_grads_in_partition`) wait with it. DeepSpeed
-alternates two bucket buffers under `overlap_comm` + `contiguous_gradients`, so a buffer is
-refilled only after the reduction that read it has been waited for. The sums are gloo's, the
-average the same multiplication by 1/world DeepSpeed applies after its all-reduce: the
-parameters after a step equal DeepSpeed's bit for bit (tests/integration/test_gloo_gather.py).
+alternates two bucket buffers, which would allow one bucket in flight: each bucket that starts
+reducing gives DeepSpeed a spare buffer for its slot and keeps its own until it is waited for.
+The sums are gloo's, the average the same multiplication by 1/world DeepSpeed applies after its
+all-reduce, the copies in the same order: the parameters after a step equal DeepSpeed's bit for
+bit (tests/integration/test_gloo_gather.py).
 
-Measured on a quiet machine (ViT-B fp32 compiled, 2 CPU ranks, bench/engine_step.py,
-bench/results/engine_step_vit_b_fp32_overlap_quiet.json): backward 3.02 s instead of 3.23 s,
-the step over compiled DDP's 1.10 instead of 1.15; with 6.25e6-element buckets backward is
-DDP's (2.81 vs 2.77 s) and the step 1.06, the rest being ZeRO's optimizer phase.
+Measured on a quiet machine (ViT-B fp32 compiled, 2 CPU ranks, bench/engine_step.py): backward
+3.02 s instead of 3.23 s with one bucket in flight (the step over compiled DDP's 1.10 instead of
+1.15, bench/results/engine_step_vit_b_fp32_overlap_quiet.json); with DDP's 25 MB buckets and 4
+in flight, the reduction waits 0.46 s instead of 0.57 s per step and backward equals DDP's
+(2.83 s, bench/results/engine_step_vit_b_fp32_cpu_zero12_quiet.json).
 
 Installed only where the result is known to be the same: DeepSpeed's ZeRO-1/2 optimizer with
 contiguous gradients, overlap_comm, plain averaging (no predivide factor, no sequence
