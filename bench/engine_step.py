@@ -28,8 +28,9 @@ Arms:
                             (scaling/train/overlap_reduce.py, which the engine installs on gloo)
   suffix _inflightN         ZeRO-1/2's overlapped reduction keeps at most N gradient buckets in flight
                             (default OverlappedReduction.IN_FLIGHT; 1 = only DeepSpeed's two buffers)
-  suffix _newgrad           ZeRO-1/2 flatten the gradient partition into new memory in every step, as
-                            DeepSpeed does, instead of a buffer kept between steps
+  suffix _newgrad           ZeRO-1/2 put their gradient partitions (the contiguous copy in backward,
+                            the flattened one in the step) in new memory in every step, as DeepSpeed
+                            does, instead of buffers kept between steps
                             (scaling/train/grad_partition_buffer.py, which the engine installs on gloo)
   suffix _noshare           ZeRO-1/2 keep each rank's own copy of the weights and gather them after the
                             step, instead of sharing one copy among the machine's ranks and waiting

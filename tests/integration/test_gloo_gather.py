@@ -2,7 +2,7 @@
 (scaling/train/gloo_gather.py) instead of DeepSpeed's all_gather_into_tensor, or, where the ranks
 share the weights' memory (scaling/train/shared_params.py), wait at a barrier instead; they
 reduce the gradients asynchronously while backward goes on (scaling/train/overlap_reduce.py)
-instead of inside it; and they flatten the gradient partition into a buffer kept between steps
+instead of inside it; and they keep their gradient partitions in buffers between steps
 (scaling/train/grad_partition_buffer.py): the same bytes.
 
 One 2-rank torchrun launch of this file builds, for ZeRO-1 fp32, ZeRO-2 fp32 and ZeRO-1 bf16, each
@@ -27,10 +27,12 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().float() for p in module.parameters()])
 
 
-def params_after_two_steps(stage: int, precision: str, accum: int, deepspeed_own: bool) -> tuple[torch.Tensor, str, float, bool, bool]:
+def params_after_two_steps(stage: int, precision: str, accum: int, deepspeed_own: bool):
     """All parameters of the module after two steps, flattened; the gather the engine's ZeRO
     optimizer calls; how far the steps moved the parameters; whether backward overlapped
-    the gradient reduction; whether the ranks shared the weights' memory."""
+    the gradient reduction; whether the ranks shared the weights' memory; whether the step handed
+    DeepSpeed its contiguous gradient partition back (filled with NaN here, so that a read
+    before a write would show)."""
     from scaling.config import load_config
     from scaling.masking import make_masks
     from scaling.models.pretrain import build_pretrain_model
@@ -57,6 +59,7 @@ def params_after_two_steps(stage: int, precision: str, accum: int, deepspeed_own
         overlap_reduce.uninstall(engine)
     overlapped = "average_tensor" in vars(engine.optimizer)
     shared = any(map(shared_params.is_shared, getattr(engine.optimizer, "bit16_groups_flat", ())))
+    given_back = False
     gather = sys.modules[type(engine.optimizer).__module__].all_gather_dp_groups.__qualname__
     before = flat(engine.module)
     rank = torch.distributed.get_rank()
@@ -66,8 +69,12 @@ def params_after_two_steps(stage: int, precision: str, accum: int, deepspeed_own
         enc, dec = make_masks(2, model.grid, k.encoder, k.encoder_ratio, k.decoder, k.decoder_ratio, clips)
         engine.backward(engine(video.to(input_dtype(precision)), enc, dec).float().pow(2).mean())
         engine.step()
+        kept = getattr(engine.optimizer, "grads_in_partition", None)
+        if kept is not None:  # handed back for the next backward: it must write every element it reads
+            kept.fill_(float("nan"))
+            given_back = True
     after = flat(engine.module)
-    return after, gather, float((after - before).abs().max()), overlapped, shared
+    return after, gather, float((after - before).abs().max()), overlapped, shared, given_back
 
 
 def compare() -> None:
@@ -76,13 +83,13 @@ def compare() -> None:
     rank, world = init_ranks()
     verdict = {}
     for stage, precision, accum in CASES:
-        ours, ours_gather, moved, ours_overlapped, ours_shared = params_after_two_steps(stage, precision, accum, False)
-        theirs, their_gather, _, their_overlapped, their_shared = params_after_two_steps(stage, precision, accum, True)
+        ours, ours_gather, moved, ours_overlapped, ours_shared, ours_back = params_after_two_steps(stage, precision, accum, False)
+        theirs, their_gather, _, their_overlapped, their_shared, their_back = params_after_two_steps(stage, precision, accum, True)
         both = [torch.empty_like(ours) for _ in range(world)]
         torch.distributed.all_gather(both, ours)
         verdict[f"zero{stage}_{precision}_accum{accum}"] = {
             "gathers": [ours_gather, their_gather], "overlapped": [ours_overlapped, their_overlapped],
-            "shared": [ours_shared, their_shared],
+            "shared": [ours_shared, their_shared], "partition_given_back": [ours_back, their_back],
             "bitwise_equal": torch.equal(ours, theirs), "ranks_agree": torch.equal(*both), "moved": moved}
     if rank == 0:
         print(json.dumps(verdict))
@@ -103,11 +110,12 @@ def test_broadcast_or_shared_gather_and_overlapped_reduction_give_deepspeeds_par
     assert "ZeRO-1/2 gather parameters by one broadcast per owner" in done.stdout
     assert "ZeRO-1/2 all-reduce gradient buckets while backward goes on" in done.stdout
     assert "ZeRO-1/2 weights in memory shared by this machine's ranks" in done.stdout
-    assert "ZeRO-1/2 flatten the gradient partition into a buffer kept between steps" in done.stdout
+    assert "ZeRO-1/2 keep their gradient partitions in buffers between steps" in done.stdout
     for case, v in verdict.items():
         assert v["gathers"] == ["gather_by_broadcast", "all_gather_dp_groups"], (case, v)
         assert v["overlapped"] == [True, False], (case, v)
         assert v["shared"] == [True, False], (case, v)
+        assert v["partition_given_back"] == [True, False], (case, v)
         assert v["bitwise_equal"] and v["ranks_agree"], (case, v)
         assert v["moved"] > 0, (case, v)  # a real step: the comparison is not of untouched weights
 
