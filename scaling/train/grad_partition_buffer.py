@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 
 class KeptGradPartition:
-    """Stands in for `optimizer.flatten` while `optimizer.step` runs."""
+    """Stands in for `optimizer.flatten` (while `optimizer.step` runs), `optimizer.step` (after
+    which it hands the partition back) and `optimizer._release_ipg_buffers` (which drops it)."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
@@ -80,7 +81,7 @@ class KeptGradPartition:
 
 
 def problem(optimizer) -> str | None:
-    """Why `optimizer`'s flatten is not the one this keeps a buffer for (None: it is)."""
+    """Why `optimizer`'s gradient partitions cannot be kept this way (None: they can)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from torch._utils import _flatten_dense_tensors
 
