@@ -46,7 +46,7 @@ def params_after_two_steps(stage: int, precision: str, accum: int, deepspeed_own
                               "model.activation_checkpointing=false"])
     ds = build_ds_config(cfg, 2)
     # Several buckets (the smoke model has 227 k parameters, the largest 98 k): the overlapped
-    # reduction refills each of DeepSpeed's two bucket buffers, and takes the oversized-parameter path.
+    # reduction has several in flight, hands DeepSpeed spare buffers, and takes the oversized-parameter path.
     ds["zero_optimization"]["reduce_bucket_size"] = 40_000
     torch.manual_seed(0)
     m, k = cfg.model, cfg.mask
