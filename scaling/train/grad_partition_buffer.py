@@ -23,10 +23,10 @@ Both hold the same bytes DeepSpeed's new tensors would.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
+
+from scaling.train.zero12_install import install_where_possible
 
 
 class KeptGradPartition:
@@ -101,16 +101,11 @@ def problem(optimizer) -> str | None:
 
 
 def install_for(engine) -> None:
-    """Keep a ZeRO-1/2 engine's flat gradient partition between steps where `problem` finds
-    nothing against it; rank 0 prints the outcome."""
-    if engine.zero_optimization_stage() not in (1, 2):
-        return
-    why_not = problem(engine.optimizer)
-    if why_not is None:
-        KeptGradPartition(engine.optimizer)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("[scaling] ZeRO-1/2 keep their gradient partitions in buffers between steps" if why_not is None
-              else f"[scaling] ZeRO-1/2 put their gradient partitions in new memory each step: {why_not}", flush=True)
+    """Keep a ZeRO-1/2 engine's gradient partitions between steps where `problem` finds nothing
+    against it."""
+    install_where_possible(engine, problem, KeptGradPartition,
+                           "ZeRO-1/2 keep their gradient partitions in buffers between steps",
+                           "ZeRO-1/2 put their gradient partitions in new memory each step")
 
 
 def uninstall(engine) -> None:

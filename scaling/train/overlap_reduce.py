@@ -31,10 +31,11 @@ Elsewhere DeepSpeed's reduction runs and the start log says why.
 from __future__ import annotations
 
 import collections
-import os
 
 import torch
 import torch.distributed as dist
+
+from scaling.train.zero12_install import install_where_possible
 
 
 class OverlappedReduction:
@@ -141,16 +142,10 @@ def problem(optimizer) -> str | None:
 
 
 def install_for(engine) -> None:
-    """Overlap a ZeRO-1/2 engine's gradient reduction with backward where `problem` finds none;
-    rank 0 prints the outcome."""
-    if engine.zero_optimization_stage() not in (1, 2):
-        return
-    why_not = problem(engine.optimizer)
-    if why_not is None:
-        OverlappedReduction(engine.optimizer)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("[scaling] ZeRO-1/2 all-reduce gradient buckets while backward goes on (gloo, async)" if why_not is None
-              else f"[scaling] ZeRO-1/2 reduce gradients inside backward as DeepSpeed does: {why_not}", flush=True)
+    """Overlap a ZeRO-1/2 engine's gradient reduction with backward where `problem` finds none."""
+    install_where_possible(engine, problem, OverlappedReduction,
+                           "ZeRO-1/2 all-reduce gradient buckets while backward goes on (gloo, async)",
+                           "ZeRO-1/2 reduce gradients inside backward as DeepSpeed does")
 
 
 def uninstall(engine) -> None:
